@@ -1,0 +1,154 @@
+"""The per-device worker: one process, one device, one inference session.
+
+``Worker`` is a plain class; the driver turns it into a Ray actor with
+``ray.remote(...)(Worker)`` and the resources that pin it to its device. It holds
+no numerics of its own: it prepares crops in a prefetch thread (overlapping the
+device), runs ``tasks.pipeline`` and returns keypoints keyed by box id, never
+heatmaps unless asked to dump them on its own side.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.backends import open_backend
+from tasks.dataset import Box, ImageError, read_rgb
+from tasks.pipeline import PreparedBatch, keypoints_for_batch, prepare_batch
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    backend: str
+    model_path: str
+    device: str  # as this process sees it: 'cpu', 'cuda:0', 'npu:0'
+    label: str  # as the user named it: 'cpu:1', 'cuda:3', 'npu:5'
+    kind: str  # 'cpu' | 'cuda' | 'npu'
+    batch_size: int
+    threads: int
+    prep_threads: int = 1
+    flip: bool = True
+    dump_dir: str | None = None  # write merged heatmaps here, per shard
+
+
+@dataclass
+class Shard:
+    id: int
+    boxes: list[Box]
+    image_paths: dict[int, str]
+
+
+@dataclass
+class ShardResult:
+    shard_id: int
+    device: str
+    box_ids: np.ndarray  # int64 [n]
+    keypoints: np.ndarray  # float32 [n, 17, 3]
+    crop_boxes: np.ndarray  # float32 [n, 4]
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (box id, reason)
+    crops: int = 0  # network inputs computed (padding excluded)
+    calls: int = 0
+    device_seconds: float = 0.0  # backend compute only
+    busy_seconds: float = 0.0  # holding the device: inference, merge and decode
+    started: float = 0.0  # unix time
+    finished: float = 0.0
+
+
+class _ImageCache:
+    """The last few decoded images: consecutive boxes mostly share an image."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def get(self, path: str) -> np.ndarray:
+        with self._lock:
+            if path in self._items:
+                self._items.move_to_end(path)
+                return self._items[path]
+        image = read_rgb(path)
+        with self._lock:
+            self._items[path] = image
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return image
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.backend = open_backend(config.backend, config.model_path, config.device,
+                                    config.batch_size, config.threads)
+        self._images = _ImageCache()
+        self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
+        # One session, one caller at a time (ais_bench sessions are not thread-safe);
+        # a second shard's preprocessing overlaps the first one's inference.
+        self._device = threading.Lock()
+
+    def describe(self) -> dict:
+        return {"device": self.config.label, "kind": self.config.kind, "node": socket.gethostname(),
+                "pid": os.getpid(), "backend": self.config.backend}
+
+    def _prepare(self, boxes: list[Box], paths: dict[int, str]) -> tuple[PreparedBatch | None, list]:
+        images, skipped = {}, []
+        for image_id in dict.fromkeys(b.image_id for b in boxes):
+            try:
+                images[image_id] = self._images.get(paths[image_id])
+            except ImageError as e:
+                skipped += [(b.id, str(e)) for b in boxes if b.image_id == image_id]
+        usable = [b for b in boxes if b.image_id in images]
+        return (prepare_batch(usable, images) if usable else None), skipped
+
+    def run_shard(self, shard: Shard) -> ShardResult:
+        cfg = self.config
+        started = time.time()
+        batches = [shard.boxes[i:i + cfg.batch_size] for i in range(0, len(shard.boxes), cfg.batch_size)]
+        futures = [self._prep.submit(self._prepare, b, shard.image_paths) for b in batches]
+        result = ShardResult(shard.id, cfg.label, np.zeros(0, np.int64),
+                             np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=started)
+        ids, kpts, crop_boxes, dumps = [], [], [], []
+        for future in futures:
+            prepared, skipped = future.result()
+            result.skipped += skipped
+            if prepared is None:
+                continue
+            with self._device:
+                t0 = time.perf_counter()
+                keypoints, inferred = keypoints_for_batch(self.backend, prepared, cfg.flip)
+                result.busy_seconds += time.perf_counter() - t0
+            result.device_seconds += inferred.device_seconds
+            result.crops += inferred.crops
+            result.calls += inferred.calls
+            ids.append(prepared.box_ids)
+            kpts.append(keypoints)
+            crop_boxes.append(prepared.crop_boxes)
+            if cfg.dump_dir:
+                dumps.append(inferred.heatmaps)
+        if ids:
+            result.box_ids, result.keypoints = np.concatenate(ids), np.concatenate(kpts)
+            result.crop_boxes = np.concatenate(crop_boxes)
+        if cfg.dump_dir and dumps:
+            _save_npz(Path(cfg.dump_dir) / f"shard-{shard.id:06d}.npz",
+                      box_ids=result.box_ids, heatmaps=np.concatenate(dumps))
+        result.finished = time.time()
+        return result
+
+    def close(self) -> None:
+        self._prep.shutdown(wait=False)
+        self.backend.close()
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)

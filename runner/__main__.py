@@ -1,0 +1,107 @@
+"""``python -m runner``: the command line. Errors a user can fix print one line, no traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runner.config import ConfigError, load_config
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cluster.devices import DeviceError
+    from cluster.npu_smi import NpuSmiUnavailable
+    from runner.driver import RunError
+    from runner.journal import JournalMismatch
+    from tasks.backends.base import BackendUnavailable
+    from tasks.dataset import DataError, ImageError
+    from tasks.export import ExportError
+    from tasks.model import CheckpointError
+
+    errors = [ConfigError, DeviceError, NpuSmiUnavailable, RunError, JournalMismatch, BackendUnavailable,
+              DataError, ImageError, ExportError, CheckpointError]
+    try:
+        from tasks.atc import AtcError
+
+        errors.append(AtcError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runner",
+        description="AlphaPose FastPose over a COCO set on every device you name: keypoints.json, "
+                    "COCO mAP and a throughput table. Other commands: doctor.")
+    p.add_argument("--config", help="YAML file of RunConfig keys (defaults: configs/default.yaml)")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataroot", help="COCO root holding val2017/ and annotations/")
+    data.add_argument("--dets", help="person boxes: a COCO results JSON list (used unfiltered, in file order)")
+    data.add_argument("--boxes", choices=["gt"], help="use ground-truth person boxes instead of --dets")
+    data.add_argument("--ann", help="annotation file (default DATAROOT/annotations/person_keypoints_val2017.json)")
+    data.add_argument("--skip-missing-images", action="store_true", default=None,
+                      help="run without boxes whose image file is missing (mAP marked incomplete)")
+    model = p.add_argument_group("model")
+    model.add_argument("--weights", help="fast_res50_256x192.pth")
+    model.add_argument("--synthetic", type=int, metavar="N",
+                       help="N synthetic boxes and a seeded random FastPose: throughput only")
+    model.add_argument("--seed", type=int)
+    model.add_argument("--models-dir", help="cache of exported models (default: models)")
+    run = p.add_argument_group("run")
+    run.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "om"])
+    run.add_argument("--devices", help="0,1 (NPU ids) | all | cuda:0,1 | cpu | cpu:N")
+    run.add_argument("--bs", help="batch size, or a comma-separated list for a sweep")
+    run.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="skip the flip test")
+    run.add_argument("--shard-size", type=int, help="boxes per shard (rounded up to whole batches)")
+    run.add_argument("--threads", type=int, help="backend threads per worker (default: its share of cores)")
+    run.add_argument("--prep-threads", type=int, help="preprocessing threads per worker")
+    run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
+    run.add_argument("--out", help="output directory (default: out)")
+    run.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in OUT")
+    run.add_argument("--overwrite", action="store_true", default=None, help="replace the results in OUT")
+    run.add_argument("--dump-heatmaps", action="store_true", default=None,
+                     help="workers also write the merged heatmaps to OUT/heatmaps")
+    run.add_argument("--quiet", action="store_true", default=None)
+    return p
+
+
+def main_run(argv: list[str]) -> int:
+    from runner.driver import run
+
+    args = vars(run_parser().parse_args(argv))
+    config_file = args.pop("config")
+    args["dataroot"], args["models_dir"] = args.pop("dataroot"), args.pop("models_dir")
+    cfg = load_config(config_file, args)
+    run(cfg)
+    return 0
+
+
+def main_doctor(argv: list[str]) -> int:
+    from runner.doctor import doctor, format_doctor
+
+    argparse.ArgumentParser(prog="python -m runner doctor",
+                            description="What a run needs on this host, each ok or missing with the fix.").parse_args(argv)
+    checks = doctor()
+    print(format_doctor(checks))
+    return 0
+
+
+COMMANDS = {"doctor": main_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        return command(argv[1:]) if command else main_run(argv)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Run configuration: YAML defaults, then ``--config FILE``, then command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; one line naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataroot: str | None
+    dets: str | None
+    boxes: str | None
+    ann: str | None
+    skip_missing_images: bool
+    weights: str | None
+    synthetic: int
+    seed: int
+    models_dir: str
+    backend: str
+    devices: str
+    bs: tuple[int, ...]
+    flip: bool
+    shard_size: int
+    threads: int
+    prep_threads: int
+    address: str | None
+    out: str
+    resume: bool
+    overwrite: bool
+    dump_heatmaps: bool
+    quiet: bool
+
+
+def parse_bs(value) -> tuple[int, ...]:
+    """``16``, ``"1,4,8"`` or ``[1, 4]`` -> ``(1, 4, 8)``."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        sizes = tuple(int(v) for v in items)
+    except ValueError:
+        raise ConfigError(f"bs: {value!r} is not a batch size or a comma-separated list of them") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise ConfigError(f"bs: {value!r}: batch sizes must be positive integers")
+    return sizes
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of RunConfig keys to values")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{path}: Unknown config key: {key} (known: {', '.join(sorted(names))})")
+    return data
+
+
+def load_config(config_file: str | None = None, overrides: dict | None = None) -> RunConfig:
+    values = _read_yaml(DEFAULTS)
+    if config_file:
+        values.update(_read_yaml(Path(config_file)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["bs"] = parse_bs(values["bs"])
+    for key in ("synthetic", "seed", "shard_size", "threads", "prep_threads"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
+            raise ConfigError(f"{key}: {values[key]!r} is not a non-negative integer")
+    if values["shard_size"] < 1:
+        raise ConfigError("shard_size: must be at least 1")
+    return RunConfig(**values)

@@ -1,0 +1,75 @@
+"""Finished shards on disk, so that ``--resume`` skips them after a crash or Ctrl-C.
+
+One file per shard, written to a temp name and renamed: a shard is either
+journalled whole or not at all. ``fingerprint.json`` ties the journal to the
+inputs and options that decide the numbers; resuming with others is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cluster.actor import ShardResult
+
+
+class JournalMismatch(ValueError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Journal:
+    def __init__(self, directory: Path, fingerprint: dict) -> None:
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+
+    def start(self, resume: bool) -> dict[int, ShardResult]:
+        """Shards already done (when resuming); a fresh journal otherwise."""
+        stamp = self.dir / "fingerprint.json"
+        if resume and stamp.exists():
+            old = json.loads(stamp.read_text())
+            if old != self.fingerprint:
+                changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+                raise JournalMismatch(f"{self.dir}: --resume with different {', '.join(changed)} than the "
+                                      "interrupted run; use the same options, or --overwrite to start again")
+            return self._load()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob("shard-*.npz"):
+            old.unlink()
+        atomic_write_text(stamp, json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        return {}
+
+    def _load(self) -> dict[int, ShardResult]:
+        done = {}
+        for path in sorted(self.dir.glob("shard-*.npz")):
+            with np.load(path) as z:
+                meta = json.loads(str(z["meta"]))
+                done[meta["shard_id"]] = ShardResult(
+                    box_ids=z["box_ids"], keypoints=z["keypoints"], crop_boxes=z["crop_boxes"],
+                    skipped=[tuple(s) for s in meta.pop("skipped")], **meta)
+        return done
+
+    def add(self, r: ShardResult) -> None:
+        meta = {"shard_id": r.shard_id, "device": r.device, "skipped": r.skipped, "crops": r.crops,
+                "calls": r.calls, "device_seconds": r.device_seconds, "busy_seconds": r.busy_seconds,
+                "started": r.started, "finished": r.finished}
+        path = self.dir / f"shard-{r.shard_id:06d}.npz"
+        tmp = self.dir / f".shard-{r.shard_id:06d}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, box_ids=r.box_ids, keypoints=r.keypoints, crop_boxes=r.crop_boxes,
+                     meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

@@ -1,0 +1,36 @@
+"""The one interface every inference backend implements.
+
+A backend owns one inference session on one device. It takes a batch of network
+inputs and returns the raw heatmaps plus the seconds the device spent computing
+them (compute only: no host preprocessing, and no host<->device copies where the
+runtime can tell them apart).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    #: The largest batch one ``run`` call accepts. Static models (OM) also pad to it.
+    batch_size: int
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """``x``: float32 ``[n, 3, 256, 192]`` with ``n <= batch_size``.
+
+        Returns float32 heatmaps ``[n, 17, 64, 48]`` (padding rows already dropped)
+        and the device seconds spent on them.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the session. The backend is unusable afterwards."""
+        ...
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's runtime is not installed or cannot open the device.
+
+    The message is one line that says what to install or set up.
+    """

@@ -1,0 +1,115 @@
+"""Checkpoint -> ONNX -> onnxsim, verified against PyTorch and cached.
+
+The cache key is the checkpoint's sha256 plus every export option, so a new
+checkpoint or option never reuses a stale file. Next to each model a ``.json``
+records how it was made and how far it is from PyTorch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.model import FASTPOSE, build_fastpose, file_sha256
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "heatmaps"
+MAX_ABS_DIFF = 1e-3
+
+
+class ExportError(RuntimeError):
+    """Export failed or the exported model disagrees with PyTorch; one line."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    batch_size: int | None = None  # None: a dynamic batch dimension
+    opset: int = 11  # what ATC's published recipe for this model uses
+    simplify: bool = True
+
+    def tag(self) -> str:
+        bs = "dyn" if self.batch_size is None else f"b{self.batch_size}"
+        return f"{bs}-op{self.opset}" + ("-sim" if self.simplify else "")
+
+
+def onnx_path_for(checkpoint: str, models_dir: str, options: ExportOptions, sha256: str | None = None) -> Path:
+    sha = sha256 or file_sha256(checkpoint)
+    return Path(models_dir) / f"fastpose-{sha[:16]}-{options.tag()}.onnx"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp makes 0600; other users of a shared models dir (and ais_bench's
+        # owner/mode checks on what ATC makes of it) expect an ordinary file.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
+                check_input: np.ndarray) -> Path:
+    """The cached ONNX for ``checkpoint``; exported, simplified and verified when missing.
+
+    ``check_input``: float32 ``[n, 3, 256, 192]``, real crops where there are any.
+    The model is refused (not cached) if ONNX Runtime's heatmaps differ from
+    PyTorch's by more than 1e-3 on it.
+    """
+    import io
+
+    import onnx
+    import torch
+
+    sha = file_sha256(checkpoint)
+    out = onnx_path_for(checkpoint, models_dir, options, sha)
+    if out.exists() and out.with_suffix(".json").exists():
+        return out
+
+    model = build_fastpose(checkpoint)
+    n = options.batch_size or len(check_input)
+    x = np.resize(check_input, (n, *check_input.shape[1:])).astype(np.float32)
+    dynamic = None if options.batch_size else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    buf = io.BytesIO()
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    # The TorchScript exporter: torch 2.13's default (dynamo) one needs onnxscript.
+    torch.onnx.export(model, (torch.from_numpy(x),), buf, input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME], dynamic_axes=dynamic, opset_version=options.opset,
+                      dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    if options.simplify:
+        import onnxsim
+
+        shapes = {INPUT_NAME: list(x.shape)} if options.batch_size else None
+        proto, ok = onnxsim.simplify(proto, overwrite_input_shapes=shapes)
+        if not ok:
+            raise ExportError(f"onnxsim could not validate the simplified model of {checkpoint}")
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT_NAME: x})[0]
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= MAX_ABS_DIFF:
+        raise ExportError(f"exported ONNX differs from PyTorch by {diff:.2e} (> {MAX_ABS_DIFF}) on "
+                          f"{n} crops; not cached. Check the onnx/onnxruntime versions")
+    info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "options": asdict(options),
+            "input": {"name": INPUT_NAME, "shape": [options.batch_size or "N", 3, *FASTPOSE.input_hw]},
+            "output": {"name": OUTPUT_NAME, "shape": [options.batch_size or "N", FASTPOSE.num_joints,
+                                                       *FASTPOSE.heatmap_hw]},
+            "max_abs_diff_vs_torch": diff, "check_crops": n,
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+    _atomic_write_bytes(out, data)
+    _atomic_write_bytes(out.with_suffix(".json"), json.dumps(info, indent=2).encode())
+    return out

@@ -1,0 +1,52 @@
+"""Fixtures shared by the suite. Reference data lives in ../shared beside the repo;
+a user's clone has none, so tests that need it skip with the reason, and the
+suite makes its own small COCO-style set for the rest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO_MINI = SHARED / "data" / "coco-mini"
+COCO_MINI_DETS = COCO_MINI / "detections" / "person_detection_results.json"
+SUBSET79 = SHARED / "data" / "coco-val2017-subset79"
+
+requires_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason="../shared (reference data) is absent: a user's clone has none")
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> str:
+    """A seeded random FastPose saved as a plain state_dict, the released file's layout."""
+    import torch
+
+    from tasks.model import build_fastpose
+
+    path = tmp_path_factory.mktemp("ckpt") / "fastpose-random-seed0.pth"
+    torch.save(build_fastpose(seed=0).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory) -> dict:
+    """12 synthetic persons on 3 images, with GT keypoints and a detection file."""
+    from tasks.synthetic import write_synthetic_coco
+
+    return write_synthetic_coco(tmp_path_factory.mktemp("synthetic"), 12, seed=3)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def dynamic_onnx(random_checkpoint, models_dir) -> str:
+    """The random checkpoint exported with a dynamic batch (verified against PyTorch)."""
+    from tasks.export import ExportOptions, export_onnx
+
+    x = np.random.default_rng(0).normal(0, 0.3, (2, 3, 256, 192)).astype(np.float32)
+    return str(export_onnx(random_checkpoint, models_dir, ExportOptions(batch_size=None), x))
