@@ -2,6 +2,15 @@
 
 This holds every stage but the network to the spec at once: crop, flip, merge,
 decode, records, rescoring, OKS-NMS and COCOeval.
+
+What keeps it from exactly 1.000 is geometry, not the pipeline: a heatmap covers
+only its crop (the box widened by 1.25), and some GT keypoints lie outside it. On
+subset79 three GT persons (ids 500742, 519606, 2161599) have hips or a wrist below
+or beside their own GT box's crop, which no crop-based network can place (their
+best OKS: 0.912, 0.879, 0.870); every other person reaches OKS >= 0.96. On
+coco-mini a box of person 467657 whose crop misses some of its joints outscores
+a box that sees them all; both survive OKS-NMS, and at OKS 0.95 the first counts
+as a false positive (AR stays 1.000).
 """
 from __future__ import annotations
 
@@ -30,16 +39,17 @@ def run_pipeline(box_set, bs: int = 8) -> dict:
 
 
 @requires_shared
-def test_coco_mini_real_detections_give_ap_1():
+def test_coco_mini_real_detections():
     stats = run_pipeline(load_boxes(str(COCO_MINI), str(COCO_MINI_DETS)))
-    assert stats["AP"] == pytest.approx(1.0, abs=5e-4)
-    assert stats["AR"] == pytest.approx(1.0, abs=5e-4)
+    assert stats["AP .5"] == stats["AP .75"] == stats["AR"] == 1.0
+    assert stats["AP"] == pytest.approx(0.998629, abs=1e-6)
 
 
 @requires_shared
 def test_subset79_gt_boxes():
     stats = run_pipeline(load_boxes(str(SUBSET79)))
-    assert stats["AP"] >= 0.99
+    assert stats["AP .5"] == stats["AP .75"] == 1.0
+    assert stats["AP"] == pytest.approx(0.987548, abs=1e-6)
 
 
 def test_synthetic_set_detections_and_gt_boxes(synthetic_coco):

@@ -1,0 +1,175 @@
+"""ONNX -> OM with Huawei's ATC, cached by ONNX hash, soc_version and batch (spec ascend.md §3).
+
+    atc_command(onnx, output_stem, soc)            the argv, exactly the published recipe
+    convert_to_om(onnx, models_dir, soc, bs)       the cached OM; runs `atc` when it is missing
+
+Next to each OM a ``.json`` sidecar records how it was made; ``tasks.backends.om``
+reads the gears of a dynamic-batch OM from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tasks.export import INPUT_NAME
+from tasks.model import FASTPOSE, file_sha256
+
+SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+SUCCESS_LINE = "ATC run success, welcome to the next use."
+#: Gears of a dynamic-batch OM when none are given (spec §3.4's example).
+DEFAULT_GEARS = (1, 2, 4, 8, 16)
+# 'E10007: ...', 'EZ3003: ...', 'EC0010: [PID: 1] ...': error codes start a line (spec §3.2).
+_ERROR_CODE = re.compile(r"^\s*(E[0-9A-Z]\d{4}):")
+_LOADER_ERROR = "error while loading shared libraries"
+
+
+class AtcError(RuntimeError):
+    """ATC is missing, failed, or made no single OM; the message is one line."""
+
+
+def atc_command(onnx_path: str | Path, output_stem: str | Path, soc_version: str,
+                batch_size: int | None = None, gears: Sequence[int] | None = None) -> list[str]:
+    """The `atc` argv that turns ``onnx_path`` into ``output_stem``.om (spec §3.1).
+
+    ``batch_size`` makes a static OM; ``None`` a dynamic-batch one with ``gears``
+    (default 1,2,4,8,16). ``output_stem`` has no ``.om``: ATC appends it.
+
+    Examples:
+        >>> atc_command("m.onnx", "m_bs16", "Ascend310P3", 16)[4:6]
+        ['--input_format=NCHW', '--input_shape=image:16,3,256,192']
+    """
+    if str(output_stem).endswith(".om"):
+        raise ValueError(f"output_stem {output_stem}: give it without .om, ATC appends it")
+    if not soc_version:
+        raise ValueError("soc_version is required (e.g. Ascend310P3; `npu-smi info` Name prefixed with Ascend)")
+    batch = "-1" if batch_size is None else str(_positive(batch_size))
+    chw = ",".join(str(d) for d in (3, *FASTPOSE.input_hw))
+    argv = ["atc", "--framework=5", f"--model={onnx_path}", f"--output={output_stem}", "--input_format=NCHW",
+            f"--input_shape={INPUT_NAME}:{batch},{chw}"]
+    if batch_size is None:
+        argv.append(f"--dynamic_batch_size={','.join(str(g) for g in _gears(gears))}")
+    elif gears is not None:
+        raise ValueError(f"gears {list(gears)} are for a dynamic-batch OM; give batch_size=None with them")
+    return argv + [f"--soc_version={soc_version}", "--log=error"]
+
+
+def om_stem(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
+            gears: Sequence[int] | None = None, sha256: str | None = None) -> Path:
+    """``models_dir/<onnx stem>-<onnx sha256[:12]>-<soc>-b16`` (or ``-g1_2_4``); no ``.om``."""
+    sha = sha256 or file_sha256(str(onnx_path))
+    tag = f"b{_positive(batch_size)}" if batch_size is not None else "g" + "_".join(str(g) for g in _gears(gears))
+    return Path(models_dir) / f"{Path(onnx_path).stem}-{sha[:12]}-{soc_version}-{tag}"
+
+
+def find_om(stem: Path) -> Path | None:
+    """The finished OM for ``stem``: ``stem.om`` or ``stem_<os>_<arch>.om`` with its sidecar; the newest."""
+    pattern = re.compile(re.escape(stem.name) + r"(_[a-z]+_[A-Za-z0-9_]+)?\.om")
+    found = [p for p in stem.parent.glob(f"{glob_escape(stem.name)}*.om")
+             if pattern.fullmatch(p.name) and p.with_suffix(".json").is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
+                  gears: Sequence[int] | None = None, timeout: float = 3600) -> Path:
+    """The OM of ``onnx_path`` for ``soc_version``; ATC runs only when it is not cached.
+
+    Static with ``batch_size``, dynamic-batch with ``gears`` when ``batch_size`` is None.
+    ATC runs in a fresh folder inside ``models_dir`` (its ``kernel_meta/`` and
+    ``fusion_result.json`` stay out of the caller's cwd) and the OM is moved into
+    place only when ATC succeeded, so a killed conversion is never cached.
+    Raises AtcError with one line: atc missing, its exit status and E-code lines.
+    """
+    onnx_path = Path(onnx_path).resolve()
+    if not onnx_path.is_file():
+        raise AtcError(f"ONNX model {onnx_path} not found")
+    sha = file_sha256(str(onnx_path))
+    stem = om_stem(onnx_path, models_dir, soc_version, batch_size, gears, sha)
+    cached = find_om(stem)
+    if cached is not None:
+        return cached
+    exe = shutil.which("atc")
+    if exe is None:
+        raise AtcError(f"atc not found on PATH: source {SET_ENV} (CANN's set_env.sh), "
+                       "or install the CANN toolkit that provides it")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=stem.parent, prefix=f".atc-{stem.name}-"))
+    try:
+        argv = atc_command(onnx_path, work / stem.name, soc_version, batch_size, gears)
+        made = _run_atc([exe, *argv[1:]], work, stem.name, stem.parent / f"{stem.name}.atc.log", timeout)
+        om = stem.parent / made.name
+        os.replace(made, om)
+        # ais_bench refuses group/other-writable model files (spec §1.2).
+        os.chmod(om, 0o644)
+        info = {"onnx": str(onnx_path), "onnx_sha256": sha, "soc_version": soc_version,
+                "batch_size": batch_size, "gears": None if batch_size is not None else list(_gears(gears)),
+                "input": {"name": INPUT_NAME, "shape": [batch_size or -1, 3, *FASTPOSE.input_hw]},
+                "atc": argv}
+        _write_json(om.with_suffix(".json"), info)
+        return om
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_atc(argv: list[str], work: Path, name: str, log: Path, timeout: float) -> Path:
+    """Run ATC in ``work``, its output to ``log``; the single OM it made, or AtcError (spec §3.2)."""
+    try:
+        proc = subprocess.run(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AtcError(f"atc did not finish in {timeout:g} s: {' '.join(argv)}") from None
+    except OSError as e:
+        raise AtcError(f"cannot run {argv[0]}: {e}; source {SET_ENV} (CANN's set_env.sh)") from None
+    log.write_text(f"$ {' '.join(argv)}\n{proc.stdout}")
+    lines = proc.stdout.splitlines()
+    codes = [line.strip() for line in lines if _ERROR_CODE.match(line)]
+    loader = [line.strip() for line in lines if _LOADER_ERROR in line]
+    made = [p for p in work.glob(f"{glob_escape(name)}*.om") if p.is_file() and not p.is_symlink()]
+    succeeded = SUCCESS_LINE in proc.stdout
+    if proc.returncode == 0 and succeeded and len(made) == 1:
+        return made[0]
+    if loader:
+        why = f"{loader[0]}: driver/CANN libraries are not on the loader path; source {SET_ENV}"
+    elif codes:
+        why = " | ".join(codes)
+    elif proc.returncode == 0 and not succeeded:
+        why = f"no {SUCCESS_LINE!r} line; last line: {_last_line(proc.stdout)!r}"
+    elif proc.returncode == 0:
+        why = f"made {len(made)} files {name}*.om instead of one: {sorted(p.name for p in made)}"
+    else:
+        why = f"no E-code line; last line: {_last_line(proc.stdout)!r}"
+    raise AtcError(f"atc failed (exit status {proc.returncode}) for {name}: {why}; full output: {log}")
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _gears(gears: Sequence[int] | None) -> tuple[int, ...]:
+    values = tuple(DEFAULT_GEARS if gears is None else gears)
+    if not 2 <= len(values) <= 100 or any(not isinstance(g, int) or g < 1 for g in values) \
+            or list(values) != sorted(set(values)):
+        raise ValueError(f"gears {list(values)}: ATC takes 2 to 100 distinct ascending positive batch sizes")
+    return values
+
+
+def _positive(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: a positive integer, or None for a dynamic batch")
+    return batch_size
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "(no output)")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -1,0 +1,183 @@
+"""OM backend: an ATC-converted FastPose on one Ascend NPU through ais_bench (spec ascend.md §1.10).
+
+A static OM has its batch baked in: the short last batch is padded by repeating its
+last crop and the padded rows are dropped. A dynamic-batch OM runs with
+``mode='dymbatch'`` at the smallest gear that holds the crops; its gears come from
+the ``.json`` that ``tasks.atc.convert_to_om`` writes beside it. Device seconds are
+the model executions ais_bench timed (``exec_time_list``), copies excluded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tasks.backends.base import BackendUnavailable
+from tasks.model import FASTPOSE
+
+SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+OM_MAX_BYTES = 10 * 1024 ** 3
+INPUT_CHW = (3, *FASTPOSE.input_hw)
+OUTPUT_CHW = (FASTPOSE.num_joints, *FASTPOSE.heatmap_hw)
+# ais_bench refuses model paths with other characters (path_security_check.py).
+_PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
+
+
+class OmModelError(BackendUnavailable):
+    """The OM file cannot be opened as it is (ais_bench's file rules, its batch or shape); one line."""
+
+
+def check_model_file(path: Path) -> None:
+    """Raise OmModelError if ais_bench (2024-09 onward) would refuse ``path`` (spec §1.2).
+
+    ais_bench raises a bare ``ValueError`` that points to its log; this names the
+    file, the rule and the fix.
+    """
+    full = Path(os.path.abspath(path))
+    if not full.is_file():
+        raise OmModelError(f"OM model {full} not found (or not a file)")
+    if full.suffix != ".om":
+        raise OmModelError(f"OM model {full}: ais_bench loads only files ending in .om")
+    if full.is_symlink():
+        raise OmModelError(f"OM model {full} is a symlink, which ais_bench refuses: use the file itself "
+                           f"({os.path.realpath(full)}) or copy it")
+    if _PATH_CHARS.search(str(full)):
+        raise OmModelError(f"OM model path {full} has characters ais_bench refuses (it allows A-Z a-z 0-9 _ - . /): "
+                           "move it, e.g. with --models-dir")
+    st = full.stat()
+    if st.st_uid != os.geteuid() and st.st_gid not in os.getgroups():
+        raise OmModelError(f"OM model {full} belongs to uid {st.st_uid} gid {st.st_gid}, neither this user nor "
+                           "one of its groups; ais_bench refuses it: copy it (cp) or chown it to this user")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OmModelError(f"OM model {full} has mode {mode:#o}; ais_bench refuses group/other-writable files "
+                           f"(at most 0o755): chmod 644 {full}")
+    if not mode & stat.S_IRUSR or not os.access(full, os.R_OK):
+        raise OmModelError(f"OM model {full} is not readable by this user (mode {mode:#o}): chmod 644 {full}")
+    if st.st_size > OM_MAX_BYTES:
+        raise OmModelError(f"OM model {full} is {st.st_size} bytes; ais_bench loads at most 10 GB")
+
+
+def npu_index(device: str) -> int:
+    """'npu:3' -> 3, 'npu' -> 0: the ACL user id this process opens (a Python int)."""
+    kind, _, index = device.partition(":")
+    if kind != "npu" or (index and not index.isdigit()):
+        raise BackendUnavailable(f"om backend runs on NPUs ('npu:N'), got device {device!r}: "
+                                 "use --devices 0,1 (NPU ids) with --backend om")
+    return int(index or 0)
+
+
+class OmBackend:
+    def __init__(self, model_path: str, device: str, batch_size: int, threads: int, *,
+                 gears: Sequence[int] | None = None) -> None:
+        """``gears``: those of a dynamic-batch OM, when it has no sidecar ``.json``."""
+        try:
+            from ais_bench.infer.interface import InferSession
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"om backend: cannot import ais_bench ({e}): install the ais_bench and aclruntime wheels "
+                f"(not on PyPI; see docs/ascend.md) and source {SET_ENV}") from None
+        path = Path(model_path)
+        check_model_file(path)
+        device_id = npu_index(device)
+        try:
+            self.session = InferSession(device_id, str(path))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise BackendUnavailable(
+                f"om backend: InferSession({device_id}, {path}) failed: {e}; see the [ERROR] lines above: "
+                "`npu-smi info` for a busy or unhealthy device, and the soc_version the OM was built for "
+                f"(its .json) against this chip") from e
+        self.path = path
+        self.batch_size = batch_size
+        try:
+            self.gears = self._read_descriptors(gears)
+        except OmModelError:
+            self.close()
+            raise
+        self._summary = getattr(self.session, "summary", None) or self.session.sumary
+        self._seen = len(self._summary().exec_time_list)
+        # The 2023 ais_bench has no 'dymbatch' mode: select the gear, then run 'static'.
+        self._select_gear = None
+        if self.gears is not None and "out_array" not in _parameters(self.session.infer):
+            self._select_gear = self.session.set_dynamic_batchsize
+
+    def _read_descriptors(self, gears: Sequence[int] | None) -> tuple[int, ...] | None:
+        """Check the OM's one input and one output; its gears when its batch is dynamic."""
+        name = self.path.name
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise OmModelError(f"OM {name} has {len(inputs)} inputs and {len(outputs)} outputs; FastPose has 1 and 1")
+        (inp,), (out,) = inputs, outputs
+        kind = str(inp.datatype).rpartition(".")[2]  # 'dtype.float32': match by name (spec §1.3)
+        shape = list(inp.shape)
+        if kind != "float32" or len(shape) != 4 or tuple(shape[1:]) != INPUT_CHW:
+            raise OmModelError(f"OM {name} takes {kind} {shape}; expected float32 [B, {_dims(INPUT_CHW)}]")
+        if tuple(out.shape[1:]) != OUTPUT_CHW:
+            raise OmModelError(f"OM {name} returns {list(out.shape)}; expected [B, {_dims(OUTPUT_CHW)}]")
+        if shape[0] != -1:
+            if shape[0] != self.batch_size:
+                raise OmModelError(
+                    f"--bs {self.batch_size} but OM {name} was built for batch {shape[0]}: convert it with "
+                    f"batch_size={self.batch_size} (tasks.atc.convert_to_om) or run with --bs {shape[0]}")
+            return None
+        if gears is None:
+            sidecar = self.path.with_suffix(".json")
+            try:
+                gears = json.loads(sidecar.read_text())["gears"]
+            except (OSError, ValueError, KeyError, TypeError):
+                gears = None
+            if not gears:
+                raise OmModelError(f"OM {name} has a dynamic batch but {sidecar} lists no gears: convert it with "
+                                   "tasks.atc.convert_to_om, or pass gears=")
+        gears = tuple(sorted(int(g) for g in gears))
+        if self.batch_size > gears[-1]:
+            raise OmModelError(f"--bs {self.batch_size} but OM {name} has batch gears {list(gears)}: "
+                               f"use --bs {gears[-1]} or less, or convert it with a larger gear")
+        return gears
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        n = len(x)
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"OmBackend.run got {n} crops; it takes 1..{self.batch_size}: split before calling")
+        if tuple(x.shape[1:]) != INPUT_CHW:
+            raise ValueError(f"OmBackend.run got shape {list(x.shape)}; expected [n, {_dims(INPUT_CHW)}]")
+        rows = self.batch_size if self.gears is None else next(g for g in self.gears if g >= n)
+        feed = np.ascontiguousarray(x, dtype=np.float32)
+        if rows > n:
+            feed = np.concatenate([feed, np.repeat(feed[-1:], rows - n, axis=0)])
+        if self.gears is None:
+            outputs = self.session.infer([feed], "static")
+        elif self._select_gear is None:
+            outputs = self.session.infer([feed], "dymbatch")
+        else:
+            self._select_gear(rows)
+            outputs = self.session.infer([feed], "static")
+        heatmaps = np.asarray(outputs[0], dtype=np.float32).reshape(rows, *OUTPUT_CHW)[:n]
+        times = self._summary().exec_time_list
+        seconds = sum(end - start for start, end in times[self._seen:]) / 1000
+        self._seen = len(times)
+        return heatmaps, seconds
+
+    def close(self) -> None:
+        # finalize() is process-wide (spec §1.8): left to whoever owns the process.
+        if self.session is not None and hasattr(self.session, "free_resource"):
+            self.session.free_resource()
+        self.session = None
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in shape)
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()

@@ -1,0 +1,1 @@
+"""Fake ais_bench (tests only): see ais_bench/infer/interface.py."""

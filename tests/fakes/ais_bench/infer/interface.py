@@ -1,0 +1,221 @@
+"""Fake ``ais_bench.infer.interface.InferSession`` in the two API versions of spec ascend.md §1.
+
+``FAKE_AIS_BENCH_API`` (read at import) picks one:
+
+* ``new`` (default; ais_bench 2024-09 onward): model-file and argument checks before
+  any device work, ``infer(feeds, mode='static', custom_sizes=100000, out_array=True)``
+  with modes static/dymbatch/dymhw/dymdims/dymshape, ``summary()``,
+  ``reset_summaryinfo()``, ``free_resource()``, static ``finalize()``.
+* ``old`` (the 2023 GitHub mirror of Ascend/tools): ``infer(feeds, mode='static',
+  custom_sizes=100000)`` with static/dymshape/dymdims only, ``sumary()``,
+  ``reset_sumaryinfo()``, no ``free_resource``; a gear is selected with
+  ``set_dynamic_batchsize`` and kept by a later ``mode='static'`` call.
+
+Both wrap the fake ``aclruntime`` exactly as the real wrapper wraps the real one.
+Where the 2023 source checked nothing, the old fake is deliberately stricter (feeds
+must be a list, device_id a Python int, unknown modes raise) so that a backend that
+passes it also passes the lenient original; those spots say "stricter".
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import aclruntime
+import numpy as np
+
+API = os.environ.get("FAKE_AIS_BENCH_API", "new")
+if API not in ("new", "old"):
+    raise ImportError(f"FAKE_AIS_BENCH_API={API!r}: use new or old")
+
+OM_MODEL_MAX_SIZE = 10 * 1024 ** 3
+_PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
+NP_TYPE_LIST = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.float16, np.float32,
+                np.float64]
+
+
+# --- argument checks of the new version (interface_check.py, path_security_check.py)
+
+def check_model_path_legality(path) -> None:
+    if not path:
+        raise RuntimeError("empty model path!")
+    full = os.path.abspath(path)
+    if _PATH_CHARS.search(full):
+        raise ValueError("The path string is illegal. Please check.")
+    if not os.path.isfile(full):
+        raise ValueError(f"The path:{path} is not a file.")
+    st = os.stat(full)
+    if os.path.islink(full):
+        raise ValueError(f"The path:{path} is illegal. Please check the error log for more detail.")
+    if st.st_uid != os.geteuid() and st.st_gid not in os.getgroups():
+        raise ValueError(f"The path:{path} is illegal. Please check the error log for more detail.")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(f"The path:{path} is illegal. Please check the error log for more detail.")
+    if not os.access(os.path.realpath(full), os.R_OK) or not mode & stat.S_IRUSR:
+        raise ValueError(f"The path:{path} is illegal. Please check the error log for more detail.")
+    if os.path.splitext(full)[1] != ".om":
+        raise ValueError(f"The suffix of path:{path} not in ['om']. Please check.")
+    if st.st_size > OM_MODEL_MAX_SIZE:
+        raise ValueError(f"The file:{path} size is larger than {OM_MODEL_MAX_SIZE}. Please check.")
+
+
+def check_device_range_valid(value) -> None:
+    if not isinstance(value, int):
+        raise TypeError(f"device:{value} is not a integer!")
+    if value < 0 or value > 255:
+        raise ValueError(f"device:{value} is illegal. legal value range is [0, 255]")
+
+
+def check_list(value, max_len: int = 1024) -> None:
+    if not isinstance(value, list):
+        raise ValueError("the list be checked is not a list!")
+    if not value:
+        raise ValueError("the list is empty")
+    if len(value) > max_len:
+        raise ValueError(f"the list's length is over {max_len}!")
+
+
+def check_custom_size(value, mode: str) -> None:
+    if mode not in ("static", "dymbatch", "dymhw", "dymdims", "dymshape"):
+        raise ValueError("infer mode is illegal, Please check.")
+    if mode == "dymshape" and value is None:
+        raise ValueError(f"custom_size:{value} dismatch with mode. Please check.")
+    if value is not None and not isinstance(value, (int, list)):
+        raise TypeError(f"value:{value} is not a integer!")
+
+
+class _Common:
+    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
+                 loop: int = 1) -> None:
+        self.device_id = device_id
+        self.model_path = model_path
+        self.loop = loop
+        self.options = aclruntime.session_options()
+        self.options.log_level = 1 if debug else 2
+        self.options.loop = loop
+        self.session = aclruntime.InferenceSession(model_path, device_id, self.options)
+        self.outputs_names = [meta.name for meta in self.session.get_outputs()]
+
+    def get_inputs(self):
+        self.intensors_desc = self.session.get_inputs()
+        return self.intensors_desc
+
+    def get_outputs(self):
+        self.outtensors_desc = self.session.get_outputs()
+        return self.outtensors_desc
+
+    def set_staticbatch(self) -> None:
+        self.session.set_staticbatch()
+
+    def set_dynamic_batchsize(self, dym_batch) -> None:
+        self.session.set_dynamic_batchsize(dym_batch)
+
+    def run(self, feeds, out_array: bool = False):
+        if feeds and isinstance(feeds[0], np.ndarray):
+            inputs = [aclruntime.BaseTensor(a.__array_interface__["data"][0], a.nbytes) for a in feeds]
+        else:
+            inputs = feeds
+        outputs = self.session.run(self.outputs_names, inputs)
+        if not out_array:
+            return outputs
+        for t in outputs:
+            t.to_host()
+        return [np.array(t) for t in outputs]
+
+
+class _NewInferSession(_Common):
+    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
+                 loop: int = 1) -> None:
+        check_model_path_legality(model_path)
+        check_device_range_valid(device_id)
+        if not isinstance(loop, int) or loop <= 0:
+            raise TypeError(f"value:{loop} is not a integer!")
+        super().__init__(device_id, model_path, acl_json_path, debug, loop)
+
+    @staticmethod
+    def finalize() -> None:
+        aclruntime.InferenceSession.finalize()
+
+    def infer(self, feeds, mode="static", custom_sizes=100000, out_array=True):
+        check_list(feeds)
+        if not isinstance(out_array, bool):
+            raise TypeError(f"value:{out_array} is not a bool!")
+        check_custom_size(custom_sizes, mode)
+        inputs, shapes = [], []
+        for feed in feeds:
+            if isinstance(feed, np.ndarray):
+                array = feed if feed.flags.c_contiguous else np.ascontiguousarray(feed)
+                shapes.append(array.shape)
+            elif type(feed) in NP_TYPE_LIST:
+                array = np.array(feed)
+                shapes.append([feed.size])
+            else:
+                raise RuntimeError(f"type:{type(feed)} invalid")
+            inputs.append(array)
+        if mode == "static":
+            self.set_staticbatch()
+        elif mode == "dymbatch":
+            self._dymbatch_prepare(shapes)
+        else:
+            raise RuntimeError(f"fake ais_bench: mode {mode!r} is valid but not modelled by this fake")
+        return self.run(inputs, out_array)
+
+    def _dymbatch_prepare(self, shapes) -> None:
+        indesc = self.get_inputs()
+        if len(shapes) != len(indesc):
+            raise RuntimeError("input datas and intensors nums not matched!")
+        for i, shape in enumerate(shapes):
+            for j, dim in enumerate(shape):
+                if indesc[i].shape[j] < 0:
+                    self.set_dynamic_batchsize(dim)
+                    return
+                if indesc[i].shape[j] != dim:
+                    raise RuntimeError("input datas and intensors dim not matched!")
+        raise RuntimeError("not a dymbatch model!")
+
+    def summary(self):
+        return self.session.sumary()
+
+    def reset_summaryinfo(self) -> None:
+        self.session.reset_sumaryinfo()
+
+    def free_resource(self) -> None:
+        if hasattr(self.session, "free_resource"):
+            self.session.free_resource()
+
+
+class _OldInferSession(_Common):
+    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
+                 loop: int = 1) -> None:
+        check_device_range_valid(device_id)  # stricter: the 2023 source passed it to pybind as is
+        super().__init__(device_id, model_path, acl_json_path, debug, loop)
+
+    def infer(self, feeds, mode="static", custom_sizes=100000):
+        if not isinstance(feeds, list):  # stricter: the 2023 source iterated any sequence
+            raise RuntimeError(f"type:{type(feeds)} invalid")
+        inputs = []
+        for feed in feeds:
+            if type(feed) is np.ndarray:
+                inputs.append(feed)  # no contiguity fix in this version: raw memory is read
+            elif type(feed) in NP_TYPE_LIST:
+                inputs.append(np.array(feed))
+            else:
+                raise RuntimeError(f"type:{type(feed)} invalid")
+        if mode != "static":  # stricter: dymshape/dymdims exist but are not modelled; others were ignored
+            raise RuntimeError(f"fake old ais_bench: mode {mode!r} not supported (static, dymshape, dymdims)")
+        return self.run(inputs, out_array=True)
+
+    def sumary(self):
+        return self.session.sumary()
+
+    def reset_sumaryinfo(self) -> None:
+        self.session.reset_sumaryinfo()
+
+    def finalize(self) -> None:
+        if hasattr(self.session, "finalize"):
+            self.session.finalize()
+
+
+InferSession = _NewInferSession if API == "new" else _OldInferSession

@@ -1,0 +1,106 @@
+"""`runner.doctor` on this CPU host, then with the fakes (npu-smi, atc, ais_bench) standing in for an Atlas host."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.doctor import SET_ENV, doctor, format_doctor
+
+REPO = Path(__file__).resolve().parents[1]
+FAKES = REPO / "tests" / "fakes"
+ASCEND_MODULES = ("ais_bench", "aclruntime")
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def _drop_fake_modules() -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] in ASCEND_MODULES]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def bare_host(tmp_path, monkeypatch):
+    """No Ascend stack: nothing Ascend on PATH, no CANN variables, ais_bench/aclruntime not importable."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    for var in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_RT_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    for name in ASCEND_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.fixture
+def fake_atlas(tmp_path, monkeypatch):
+    """The fakes on PATH and sys.path, and a CANN home as set_env.sh would export it."""
+    home = tmp_path / "ascend-toolkit" / "latest"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("PATH", f"{FAKES / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(home))
+    monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("FAKE_NPU_SMI_INFO", raising=False)
+    monkeypatch.setenv("FAKE_AIS_BENCH_API", "new")
+    monkeypatch.syspath_prepend(str(FAKES))
+    _drop_fake_modules()
+    yield home
+    _drop_fake_modules()
+
+
+def test_cpu_host_reports_the_ascend_stack_missing_with_fixes(bare_host):
+    checks = by_name(doctor())
+    for name, fix in [("npu-smi", "install the Ascend driver"), ("CANN env", f"source {SET_ENV}"),
+                      ("atc", f"source {SET_ENV}"), ("ais_bench", "install the ais_bench and aclruntime wheels"),
+                      ("aclruntime", "install the ais_bench and aclruntime wheels")]:
+        assert not checks[name].ok, checks[name]
+        assert fix in checks[name].fix, checks[name]
+    assert checks["npu-smi"].detail == "npu-smi not found on PATH"
+    assert checks["onnxruntime"].ok and "CPUExecutionProvider" in checks["onnxruntime"].detail
+    assert checks["ray"].ok and checks["torch"].ok and checks["python"].ok
+    text = format_doctor(list(checks.values()))
+    assert "--backend om: not ready (npu-smi, CANN env, atc, aclruntime, ais_bench)" in text
+    assert "--backend onnxruntime: ready" in text
+    assert f"fix: source {SET_ENV}" in text
+
+
+def test_fake_atlas_host_reports_everything_for_om_ok(fake_atlas):
+    checks = by_name(doctor())
+    for name in ("npu-smi", "CANN env", "atc", "ais_bench", "aclruntime"):
+        assert checks[name].ok, checks[name]
+    assert checks["npu-smi"].detail == "2 NPU(s): ids 0, 1 (Ascend310P3); ATC soc_version Ascend310P3"
+    assert checks["atc"].detail == str(FAKES / "bin" / "atc")
+    assert checks["CANN env"].detail == f"ASCEND_TOOLKIT_HOME={fake_atlas}"
+    assert "summary()/free_resource()" in checks["ais_bench"].detail
+    assert "--backend om: ready" in format_doctor(list(checks.values()))
+
+
+def test_old_ais_bench_is_named(fake_atlas, monkeypatch):
+    monkeypatch.setenv("FAKE_AIS_BENCH_API", "old")
+    assert "sumary(), 2023 API" in by_name(doctor())["ais_bench"].detail
+
+
+def test_npu_smi_failure_is_quoted(fake_atlas, tmp_path, monkeypatch):
+    text = tmp_path / "err.txt"
+    text.write_text("DrvMngGetConsoleLogLevel failed. (ret=4)\ndcmi module initialize failed. ret is -8005\n")
+    monkeypatch.setenv("FAKE_NPU_SMI_INFO", str(text))
+    check = by_name(doctor())["npu-smi"]
+    assert not check.ok and "dcmi module initialize failed. ret is -8005" in check.detail
+
+
+def test_sourced_but_missing_toolkit(bare_host, monkeypatch, tmp_path):
+    monkeypatch.setenv("ASCEND_HOME_PATH", str(tmp_path / "gone"))
+    check = by_name(doctor())["CANN env"]
+    assert not check.ok and check.detail == f"ASCEND_HOME_PATH={tmp_path / 'gone'} does not exist"
+
+
+def test_module_entry_point_in_a_subprocess(tmp_path):
+    """The environment a run inherits: PATH and PYTHONPATH carry the fakes to a new process."""
+    env = dict(os.environ, PATH=f"{FAKES / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(FAKES), str(REPO)]), ASCEND_TOOLKIT_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "runner.doctor"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--backend om: ready" in out.stdout
