@@ -24,13 +24,17 @@ from tasks.dataset import Box, ImageError, read_rgb
 from tasks.pipeline import PreparedBatch, keypoints_for_batch, prepare_batch
 
 
+#: The variable Ray sets to pin an actor to its accelerator, by slot kind (spec ascend.md §4.3).
+VISIBILITY_VARS = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     backend: str
     model_path: str
-    device: str  # as this process sees it: 'cpu', 'cuda:0', 'npu:0'
-    label: str  # as the user named it: 'cpu:1', 'cuda:3', 'npu:5'
-    kind: str  # 'cpu' | 'cuda' | 'npu'
+    device: str  # what the backend opens, as this process sees it: 'cpu', 'cuda:0', 'npu:0'
+    label: str  # provisional; the driver names the device once Ray has placed the actor
+    kind: str  # the slot the actor holds: 'cpu' | 'cuda' | 'npu'
     batch_size: int
     threads: int
     prep_threads: int = 1
@@ -94,8 +98,21 @@ class Worker:
         self._device = threading.Lock()
 
     def describe(self) -> dict:
-        return {"device": self.config.label, "kind": self.config.kind, "node": socket.gethostname(),
-                "pid": os.getpid(), "backend": self.config.backend}
+        """Where this worker landed: the driver names the device from it and writes OUT/devices.json.
+
+        ``visible_devices`` is the visibility variable Ray set for this actor
+        (ASCEND_RT_VISIBLE_DEVICES for an NPU slot, CUDA_VISIBLE_DEVICES for a GPU):
+        one id per actor when pinning works.
+        """
+        cfg = self.config
+        node_id, node_ip, accelerator_ids = _ray_placement()
+        host = socket.gethostname()
+        var = VISIBILITY_VARS.get(cfg.kind)
+        return {"device": cfg.label, "kind": cfg.kind, "compute_device": cfg.device, "backend": cfg.backend,
+                # Simulated nodes share a hostname; the node id prefix tells them apart.
+                "node": f"{host}/{node_id[:8]}" if node_id else host, "host": host, "node_ip": node_ip,
+                "node_id": node_id, "pid": os.getpid(), "accelerator_ids": accelerator_ids,
+                "visible_devices": os.environ.get(var) if var else None, "threads": cfg.threads}
 
     def _prepare(self, boxes: list[Box], paths: dict[int, str]) -> tuple[PreparedBatch | None, list]:
         images, skipped = {}, []
@@ -144,6 +161,19 @@ class Worker:
     def close(self) -> None:
         self._prep.shutdown(wait=False)
         self.backend.close()
+
+
+def _ray_placement() -> tuple[str, str, dict[str, list[str]]]:
+    """(node id, node IP, accelerator ids by resource) when running in a Ray actor."""
+    try:
+        import ray
+    except ImportError:
+        return "", "", {}
+    if not ray.is_initialized():  # a plain Worker, outside Ray
+        return "", "", {}
+    ctx = ray.get_runtime_context()
+    ids = {k: list(v) for k, v in ctx.get_accelerator_ids().items() if v}
+    return ctx.get_node_id(), ray.util.get_node_ip_address(), ids
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -19,6 +19,9 @@ LABELS = {
     "device_fps": "crops per device second: what ais_bench calls throughput",
     "busy_seconds": "time the actor held its device: inference, flip merge and decode",
     "wall_seconds": "actor's first shard start to last shard end",
+    "node": "host/Ray node id prefix: simulated nodes share a host",
+    "compute_device": "what the backend computes on inside the actor (a CPU backend may hold an NPU slot)",
+    "lost": "the actor died during the run; its unfinished shards ran on the others",
     "sum_device_fps": "sum of per-device device_fps (ais_bench's multi-device 'summary throughput')",
     "e2e_boxes_per_s": "all boxes / wall time from first dispatch to last result",
     "e2e_crops_per_s": "all crops / wall time from first dispatch to last result",
@@ -59,6 +62,7 @@ def throughput(results: list[ShardResult], devices: list[dict], first_dispatch: 
         device_seconds = sum(r.device_seconds for r in mine)
         rows.append({
             "id": d["device"], "kind": d["kind"], "node": d.get("node", ""),
+            "compute_device": d.get("compute_device", ""),
             "boxes": int(sum(len(r.box_ids) for r in mine)), "crops": int(crops),
             "device_seconds": device_seconds,
             "device_fps": crops / device_seconds if device_seconds > 0 else 0.0,
@@ -76,11 +80,11 @@ def throughput(results: list[ShardResult], devices: list[dict], first_dispatch: 
 
 def format_throughput(tp: dict) -> str:
     """The throughput table as the terminal shows it."""
-    head = f"{'device':<10} {'kind':<5} {'node':<16} {'boxes':>7} {'crops':>7} {'dev s':>8} {'dev fps':>9} {'busy s':>8} {'wall s':>8}"
+    head = f"{'device':<10} {'kind':<5} {'node':<20} {'boxes':>7} {'crops':>7} {'dev s':>8} {'dev fps':>9} {'busy s':>8} {'wall s':>8}"
     lines = [head, "-" * len(head)]
     for r in tp["devices"]:
         lost = "  LOST" if r["lost"] else ""
-        lines.append(f"{r['id']:<10} {r['kind']:<5} {r['node'][:16]:<16} {r['boxes']:>7} {r['crops']:>7} "
+        lines.append(f"{r['id']:<10} {r['kind']:<5} {_tail(r['node'], 20):<20} {r['boxes']:>7} {r['crops']:>7} "
                      f"{r['device_seconds']:>8.2f} {r['device_fps']:>9.1f} {r['busy_seconds']:>8.2f} "
                      f"{r['wall_seconds']:>8.2f}{lost}")
     t = tp["totals"]
@@ -89,3 +93,8 @@ def format_throughput(tp: dict) -> str:
     lines.append(f"end to end over {t['wall_seconds']:.2f} s wall: {t['e2e_boxes_per_s']:.1f} boxes/s, "
                  f"{t['e2e_crops_per_s']:.1f} crops/s")
     return "\n".join(lines)
+
+
+def _tail(text: str, width: int) -> str:
+    """The end of a long node name: its Ray node id prefix is what tells nodes apart."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]

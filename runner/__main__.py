@@ -93,8 +93,13 @@ COMMANDS = {"doctor": main_doctor}
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = COMMANDS.get(argv[0]) if argv else None
+    from runner.driver import Interrupted
+
     try:
         return command(argv[1:]) if command else main_run(argv)
+    except Interrupted as e:  # Ctrl-C: the journal is kept, --resume continues
+        print(f"error: {e}", file=sys.stderr)
+        return 130
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 The driver keeps a small queue of shards and about two in flight per actor, so
 faster devices take more. When an actor dies its shards go back to the queue.
+``--devices`` names this host's devices for a private Ray; on an existing cluster
+(``--address``, or a Ray the caller started) it counts the cluster's resources.
 Everything the run writes to OUT is written atomically.
 """
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
-from cluster.devices import Device, parse_devices
+from cluster.devices import Device, DeviceError, parse_devices
 from cluster.reducer import format_throughput, merge_shards, throughput
 from runner.config import RunConfig
 from runner.journal import Journal, atomic_write_text
@@ -177,76 +181,233 @@ def fingerprint(cfg: RunConfig, box_set: BoxSet, weights: str, backend: str, bs:
 
 
 @dataclass
-class Placement:
-    device: Device
-    options: dict  # ray actor options
-    in_process: str  # the device as the actor's process sees it
-    label: str
-    threads: int
+class Session:
+    """A Ray cluster to run on and the devices ``--devices`` names in it."""
+
+    ray: object
+    devices: list[Device]
+    cpus_per_worker: float  # the CPU share of one worker: Ray's num_cpus for CPU workers
+    existing: bool  # a cluster someone else started: its devices are counted, not named
 
 
-def placements(devices: list[Device], threads: int, prep_threads: int) -> list[Placement]:
-    cores = os.cpu_count() or 1
-    out = []
-    for d in devices:
-        if d.kind == "cpu":
-            share = max(1, cores // len(devices))
-            # Fractional CPUs let N workers share the host; threads are set from the share
-            # because Ray forces OMP_NUM_THREADS=1 and ONNX Runtime ignores it anyway.
-            out.append(Placement(d, {"num_cpus": cores / len(devices)}, "cpu", f"cpu:{d.id}",
-                                 threads or share))
-        elif d.kind == "cuda":
-            out.append(Placement(d, {"num_gpus": 1, "num_cpus": 0}, "cuda:0", f"cuda:{d.id}", threads or 1))
-        else:
-            # Ray sets ASCEND_RT_VISIBLE_DEVICES for an {"NPU": 1} actor: its device is 0 inside.
-            out.append(Placement(d, {"resources": {"NPU": 1}, "num_cpus": 0}, "npu:0", f"npu:{d.id}",
-                                 threads or 1))
-    return out
+def cluster_devices(spec: str, resources: dict[str, float]) -> list[Device]:
+    """Devices of an existing Ray cluster, counted from ``ray.cluster_resources()``.
+
+    Ids name devices of this host; which chip of which node an actor gets is decided
+    by Ray and each node's own visibility settings, so on a cluster only kinds and
+    counts can be asked for: ``all`` (one worker per NPU), ``cuda`` (one per GPU),
+    ``cpu`` or ``cpu:N``.
+    """
+    text = spec.strip()
+    if text == "cpu" or text.startswith("cpu:"):
+        return parse_devices(text)  # never runs discovery
+    if text not in ("all", "cuda"):
+        raise DeviceError(f"--devices {spec}: ids name this host's devices and cannot pick a Ray cluster's "
+                          "remote ones; use all (one worker per NPU in the cluster), cuda (one per GPU) or cpu:N")
+    kind, resource = ("npu", "NPU") if text == "all" else ("cuda", "GPU")
+    count = int(resources.get(resource, 0))
+    if count < 1:
+        have = ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k.isupper())
+        raise DeviceError(f"--devices {spec}: the Ray cluster has no {resource} resource ({have}); start its nodes "
+                          f"with ray start --resources='{{\"{resource}\": N}}', or where Ray detects them")
+    # Ray adds accelerator_type:<soc> per node when pyACL names the chip; ATC needs it.
+    types = {k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")}
+    socs = {t for t in types if t.startswith("Ascend")} if kind == "npu" else set()
+    soc = socs.pop() if len(socs) == 1 else None
+    return [Device(kind, i, soc or resource, soc) for i in range(count)]
+
+
+def _cluster_cpus_per_worker(ray, workers: int) -> float:
+    """An equal share of the cluster's CPUs that still fits on its largest node."""
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
+    return max(0.01, min(ray.cluster_resources().get("CPU", 1.0) / workers, largest))
+
+
+def _start_local(ray, devices: list[Device]) -> None:
+    """A private Ray on this host whose NPU/GPU slots are exactly the ``--devices`` named.
+
+    Ray maps an actor's slot through the visibility variable of the process that
+    started the node (spec ascend.md §4.4), so setting it to the chosen ids here makes
+    each {"NPU": 1} actor see one of them.
+    """
+    env, resources = {}, {}
+    kinds = {d.kind for d in devices}
+    if "npu" in kinds:
+        ids = [d.logical_id if d.logical_id is not None else d.id for d in devices]
+        env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(i) for i in sorted(ids))
+        resources["NPU"] = len(ids)
+    if "cuda" in kinds:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.id) for d in devices)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=os.cpu_count(), num_gpus=len(devices) if "cuda" in kinds else 0,
+                 resources=resources, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+#: This project's packages, shipped to a cluster's nodes: their workers then import the
+#: driver's code, whatever their working directory; nodes need only the same Python packages.
+CODE = [str(Path(__file__).resolve().parents[1] / name) for name in ("runner", "cluster", "tasks")]
+
+
+def _join(ray, address: str) -> None:
+    from ray.exceptions import RayError  # AuthenticationError: no or another token
+
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"py_modules": CODE})
+    except (ConnectionError, RuntimeError, ValueError, RayError) as e:
+        raise RunError(f"--address {address}: cannot join a Ray cluster ({_first_line(e)}); start one with "
+                       "`ray start --head`, and with token authentication on, export RAY_AUTH_MODE=token and "
+                       "its token (README: Many devices and hosts)") from None
 
 
 @contextmanager
-def ray_session(cfg: RunConfig, devices: list[Device]):
+def ray_session(cfg: RunConfig) -> Iterator[Session]:
+    """Start a private Ray for ``--devices`` on this host, or use an existing cluster.
+
+    An existing cluster is one given by ``--address`` or a Ray the caller (a test, a
+    sweep) already initialised; it is left running.
+    """
     import ray
 
-    if ray.is_initialized():  # a caller (a test, a sweep) owns the cluster
-        yield ray
-        return
-    env = {}
-    kinds = {d.kind for d in devices}
-    if cfg.address:
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    else:
-        resources = {}
-        if "npu" in kinds:
-            ids = [d.logical_id if d.logical_id is not None else d.id for d in devices]
-            env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(i) for i in sorted(ids))
-            resources["NPU"] = len(ids)
-        if "cuda" in kinds:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.id) for d in devices)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            ray.init(num_cpus=os.cpu_count(), num_gpus=len(devices) if "cuda" in kinds else 0,
-                     resources=resources, include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR", configure_logging=True)
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    owned = not ray.is_initialized()
     try:
-        yield ray
+        if owned and not cfg.address:
+            devices = parse_devices(cfg.devices)  # before Ray starts: a wrong --devices costs nothing
+            _start_local(ray, devices)
+            yield Session(ray, devices, (os.cpu_count() or 1) / len(devices), existing=False)
+        else:
+            if owned:
+                _join(ray, cfg.address)
+            devices = cluster_devices(cfg.devices, ray.cluster_resources())
+            yield Session(ray, devices, _cluster_cpus_per_worker(ray, len(devices)), existing=True)
     finally:
-        ray.shutdown()
+        if owned and ray.is_initialized():
+            ray.shutdown()
+
+
+def compute_device(kind: str, backend: str) -> str:
+    """The device the backend opens inside an actor pinned to a ``kind`` slot.
+
+    Ray makes the pinned accelerator device 0 of the actor's process. Only the OM
+    backend runs on NPUs: torch and ONNX Runtime here have no NPU support, so on an
+    NPU slot they compute on the CPU. That is deliberate and used on purpose: it runs
+    Ray's real NPU scheduling and pinning (the slot, ASCEND_RT_VISIBLE_DEVICES) on
+    hosts without NPUs, which is how the tests check them. The run says so in a line.
+    """
+    if kind == "npu":
+        return "npu:0" if backend == "om" else "cpu"
+    return "cuda:0" if kind == "cuda" else "cpu"
+
+
+@dataclass
+class Placement:
+    device: Device
+    options: dict  # ray actor options
+    in_process: str  # the device the backend opens, as the actor's process sees it
+    label: str  # provisional: NPU and GPU workers are named once placed (device_label)
+    threads: int
+
+
+def placements(devices: list[Device], backend: str, threads: int, cpus_per_worker: float) -> list[Placement]:
+    out = []
+    for d in devices:
+        in_process = compute_device(d.kind, backend)
+        # Ray forces OMP_NUM_THREADS=1 and ONNX Runtime ignores it anyway: threads are
+        # set from the worker's share of cores whenever the backend computes on the CPU.
+        share = threads or (max(1, int(cpus_per_worker)) if in_process == "cpu" else 1)
+        if d.kind == "cpu":
+            # Fractional CPUs let N workers share a host.
+            options = {"num_cpus": cpus_per_worker}
+        elif d.kind == "cuda":
+            options = {"num_gpus": 1, "num_cpus": 0}
+        else:
+            # Ray sets ASCEND_RT_VISIBLE_DEVICES for an {"NPU": 1} actor: its device is 0 inside.
+            options = {"resources": {"NPU": 1}, "num_cpus": 0}
+        out.append(Placement(d, options, in_process, f"{d.kind}:{d.id}", share))
+    return out
+
+
+def device_label(described: dict, devices: list[Device], existing: bool) -> str:
+    """The name a placed worker's device gets in logs, throughput.json and the journal.
+
+    Ray, not the driver, picks which of the slots an actor gets, so NPU and GPU
+    workers are named from the id Ray assigned them. On this host's private Ray that
+    id is the logical id the driver put in the visibility variable: named back as the
+    user wrote it in ``--devices``.
+    """
+    kind = described["kind"]
+    if kind == "cpu":
+        return described["device"]
+    ids = described["accelerator_ids"].get("NPU" if kind == "npu" else "GPU") or [described["visible_devices"]]
+    assigned = str(ids[0])
+    if not existing:
+        for d in devices:
+            own = d.logical_id if d.kind == "npu" and d.logical_id is not None else d.id
+            if str(own) == assigned:
+                return f"{kind}:{d.id}"
+    return f"{kind}:{assigned}"
+
+
+def name_devices(described: list[dict], devices: list[Device], existing: bool) -> list[str]:
+    """Unique labels: ids repeat across nodes of a cluster, so those get their node too."""
+    labels = [device_label(d, devices, existing) for d in described]
+    repeated = {x for x in labels if labels.count(x) > 1}
+    return [f"{x}@{d['node']}" if x in repeated else x for x, d in zip(labels, described)]
+
+
+def start_workers(session: Session, cfg: RunConfig, backend: str, model_path: str, bs: int,
+                  out: Path) -> tuple[dict[str, object], list[dict]]:
+    """One named actor per device, described and named; ``OUT/devices.json`` says who runs where.
+
+    The file is written as soon as the workers are up, so a user (or a test) can see
+    which process on which node holds which device while the run goes on.
+    """
+    ray = session.ray
+    run_tag = uuid.uuid4().hex[:8]  # actor names are cluster-wide; runs must not collide
+    handles, names = [], []
+    for k, p in enumerate(placements(session.devices, backend, cfg.threads, session.cpus_per_worker)):
+        wc = WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
+                          cfg.prep_threads, cfg.flip,
+                          str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None)
+        names.append(f"runner-{run_tag}-{k}")
+        handles.append(ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0, **p.options)(Worker)
+                       .options(name=names[-1]).remote(wc))
+    try:
+        described = ray.get([h.describe.remote() for h in handles])
+    except Exception as e:
+        for h in handles:
+            ray.kill(h)
+        raise RunError(f"a device worker failed to start: {_first_line(e)}") from None
+    labels = name_devices(described, session.devices, session.existing)
+    for d, label, name in zip(described, labels, names):
+        d.update(device=label, actor=name)
+    write_json(out / "devices.json", described)
+    return dict(zip(labels, handles)), described
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(getattr(error, "cause", None) or error)
+    from ray.exceptions import RayActorError, RayTaskError
+
+    # A task error carries the actor's own exception; its last line is the one the user needs.
+    text = str(error.cause if isinstance(error, RayTaskError) and error.cause else error)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # Ray wraps the actor's exception; its last line is the one the user needs.
-    return lines[-1] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    # A dead actor's last line runs on with troubleshooting advice: its first sentence says it.
+    return lines[-1].split(". ")[0].rstrip(".") if isinstance(error, RayActorError) else lines[-1]
 
 
 def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, log) -> list[str]:
-    """Feed shards to actors until all are done; returns the labels of lost actors."""
+    """Feed shards to actors until all are done; returns the labels of lost actors.
+
+    Results are labelled here with the device of the actor that computed them.
+    """
     from ray.exceptions import RayActorError, RayTaskError
 
     alive = dict(actors)
@@ -276,14 +437,17 @@ def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, lo
                 cause = _first_line(e)
                 causes.append(f"{label}: {cause}")
                 log(f"device {label} lost ({cause}); its shards go to the other devices")
-                if isinstance(e, RayTaskError):
+                try:  # a failing device or an unreachable actor must not take more shards
                     ray.kill(alive[label], no_restart=True)
+                except Exception:
+                    pass
                 del alive[label]
                 lost.append(label)
             if not alive:
                 raise RunError(f"every device was lost ({'; '.join(causes)}); finished shards are kept: "
                                "rerun the same command with --resume")
         else:
+            result.device = label
             on_result(result)
         fill()
     return lost
@@ -298,7 +462,7 @@ def prepare_out(cfg: RunConfig) -> Path:
         raise RunError(f"{out}: exists and is not empty; pass --resume to continue that run, "
                        "--overwrite to replace it, or another --out")
     if out.exists() and cfg.overwrite and not cfg.resume:
-        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json"):
+        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "journal", ignore_errors=True)
         shutil.rmtree(out / "heatmaps", ignore_errors=True)
@@ -351,34 +515,27 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
     check_images(box_set, cfg.skip_missing_images)
     if not box_set.boxes:
         raise RunError(f"{box_set.source}: no usable boxes ({len(box_set.skipped)} skipped)")
-    devices = parse_devices(cfg.devices)
-    backend = choose_backend(cfg.backend, devices)
-    model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
-    journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs))
-    done = journal.start(cfg.resume)
-    shards = make_shards(box_set, bs, cfg.shard_size)
-    todo = deque(s for s in shards if s.id not in done)
-    started = time.time()
-    log(f"{len(box_set.boxes)} boxes in {len(shards)} shards ({len(done)} done before) on "
-        f"{', '.join(str(d) for d in devices)}; backend {backend}, bs {bs}")
-
-    fresh: list[ShardResult] = []
-    described: list[dict] = []
-    lost: list[str] = []
-    first_dispatch = last_result = time.time()
-    if todo:
-        with ray_session(cfg, devices) as ray:
-            actors = {}
-            for p in placements(devices, cfg.threads, cfg.prep_threads):
-                wc = WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
-                                  cfg.prep_threads, cfg.flip,
-                                  str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None)
-                actors[p.label] = ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0,
-                                             **p.options)(Worker).remote(wc)
-            try:
-                described = ray.get([a.describe.remote() for a in actors.values()])
-            except Exception as e:
-                raise RunError(f"a device worker failed to start: {_first_line(e)}") from None
+    with ray_session(cfg) as session:
+        devices = session.devices
+        backend = choose_backend(cfg.backend, devices)
+        model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
+        journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs))
+        done = journal.start(cfg.resume)
+        shards = make_shards(box_set, bs, cfg.shard_size)
+        todo = deque(s for s in shards if s.id not in done)
+        started = time.time()
+        log(f"{len(box_set.boxes)} boxes in {len(shards)} shards ({len(done)} done before) on "
+            f"{', '.join(str(d) for d in devices)}{' (Ray cluster)' if session.existing else ''}; "
+            f"backend {backend}, bs {bs}")
+        if "npu" in {d.kind for d in devices} and compute_device("npu", backend) == "cpu":
+            log(f"note: backend {backend} computes on the CPU; the NPU slots only place the workers")
+        fresh: list[ShardResult] = []
+        described: list[dict] = []
+        lost: list[str] = []
+        first_dispatch = last_result = time.time()
+        if todo:
+            actors, described = start_workers(session, cfg, backend, model_path, bs, out)
+            log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
 
             def on_result(r: ShardResult) -> None:
                 nonlocal last_result
@@ -389,18 +546,20 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
 
             first_dispatch = time.time()
             try:
-                lost = dispatch(ray, actors, todo, on_result, log)
+                lost = dispatch(session.ray, actors, todo, on_result, log)
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted: {len(done) + len(fresh)} of {len(shards)} shards are saved "
                                   f"in {out / 'journal'}; rerun the same command with --resume") from None
             finally:
                 for a in actors.values():
                     try:
-                        ray.kill(a)
+                        session.ray.kill(a)
                     except Exception:
                         pass
     for d in described:
         d["lost"] = d["device"] in lost
+    if described:
+        write_json(out / "devices.json", described)
 
     merged = merge_shards(list(done.values()) + fresh)
     records = pose_records(box_set.boxes, merged.box_ids, merged.keypoints, merged.crop_boxes)

@@ -38,6 +38,9 @@ class Journal:
     def start(self, resume: bool) -> dict[int, ShardResult]:
         """Shards already done (when resuming); a fresh journal otherwise."""
         stamp = self.dir / "fingerprint.json"
+        # A shard interrupted while being journalled leaves only its temp file behind.
+        for partial in self.dir.glob(".shard-*.tmp"):
+            partial.unlink(missing_ok=True)
         if resume and stamp.exists():
             old = json.loads(stamp.read_text())
             if old != self.fingerprint:
