@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,21 @@ class Worker:
         # One session, one caller at a time (ais_bench sessions are not thread-safe);
         # a second shard's preprocessing overlaps the first one's inference.
         self._device = threading.Lock()
+
+    def set_batch(self, model_path: str, batch_size: int) -> None:
+        """Run the next shards at ``batch_size`` (a sweep's next run).
+
+        The backend is reopened only when the model file changes (a static OM is
+        built per batch size); a dynamic-batch session (ONNX, torch) is kept.
+        """
+        cfg = self.config
+        with self._device:
+            if model_path != cfg.model_path:
+                self.backend.close()
+                self.backend = open_backend(cfg.backend, model_path, cfg.device, batch_size, cfg.threads)
+            else:
+                self.backend.batch_size = batch_size
+            self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
 
     def describe(self) -> dict:
         """Where this worker landed: the driver names the device from it and writes OUT/devices.json.

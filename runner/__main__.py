@@ -13,27 +13,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.npu_smi import NpuSmiUnavailable
     from runner.driver import RunError
     from runner.journal import JournalMismatch
+    from runner.report import ReportError
+    from tasks.atc import AtcError
     from tasks.backends.base import BackendUnavailable
     from tasks.dataset import DataError, ImageError
+    from tasks.detector import CfgError, WeightsError
+    from tasks.detector import ImageError as DetectorImageError
     from tasks.export import ExportError
     from tasks.model import CheckpointError
 
-    errors = [ConfigError, DeviceError, NpuSmiUnavailable, RunError, JournalMismatch, BackendUnavailable,
-              DataError, ImageError, ExportError, CheckpointError]
-    try:
-        from tasks.atc import AtcError
-
-        errors.append(AtcError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, ReportError, DeviceError, NpuSmiUnavailable, RunError, JournalMismatch,
+            BackendUnavailable, DataError, ImageError, ExportError, CheckpointError, AtcError,
+            CfgError, WeightsError, DetectorImageError)
 
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runner",
         description="AlphaPose FastPose over a COCO set on every device you name: keypoints.json, "
-                    "COCO mAP and a throughput table. Other commands: doctor.")
+                    "COCO mAP and a throughput table; --bs 1,4,8 sweeps. Other commands: doctor, report.")
     p.add_argument("--config", help="YAML file of RunConfig keys (defaults: configs/default.yaml)")
     data = p.add_argument_group("data")
     data.add_argument("--dataroot", help="COCO root holding val2017/ and annotations/")
@@ -68,12 +66,16 @@ def run_parser() -> argparse.ArgumentParser:
 
 def main_run(argv: list[str]) -> int:
     from runner.driver import run
+    from runner.sweep import run_sweep
 
     args = vars(run_parser().parse_args(argv))
     config_file = args.pop("config")
     args["dataroot"], args["models_dir"] = args.pop("dataroot"), args.pop("models_dir")
     cfg = load_config(config_file, args)
-    run(cfg)
+    if len(cfg.bs) > 1:
+        run_sweep(cfg)
+    else:
+        run(cfg)
     return 0
 
 
@@ -87,7 +89,25 @@ def main_doctor(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"doctor": main_doctor}
+def main_report(argv: list[str]) -> int:
+    from runner.report import report
+
+    p = argparse.ArgumentParser(prog="python -m runner report",
+                                description="Re-render the tables and throughput.png of saved runs (run or sweep "
+                                            "directories) and compare each further one with the first, per batch "
+                                            "size: mAP difference and throughput ratios.")
+    p.add_argument("dirs", nargs="+", metavar="OUT", help="a run's or a sweep's output directory")
+    report(p.parse_args(argv).dirs)
+    return 0
+
+
+def main_detect(argv: list[str]) -> int:
+    from runner.detect import main_detect as detect
+
+    return detect(argv)
+
+
+COMMANDS = {"doctor": main_doctor, "report": main_report, "detect": main_detect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,11 @@ from cluster.devices import Device, DeviceError, parse_devices
 from cluster.reducer import format_throughput, merge_shards, throughput
 from runner.config import RunConfig
 from runner.journal import Journal, atomic_write_text
+from runner.progress import Progress
 from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
 from tasks.evaluation import STAT_NAMES, evaluate_keypoints, pose_records, rescore_and_nms
 from tasks.export import ExportOptions, export_onnx
-from tasks.model import build_fastpose, file_sha256
+from tasks.model import build_fastpose, check_checkpoint, file_sha256
 from tasks.pipeline import prepare_batch
 from tasks.transforms import crops_to_input
 
@@ -241,7 +243,8 @@ def _start_local(ray, devices: list[Device]) -> None:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ray.init(num_cpus=os.cpu_count(), num_gpus=len(devices) if "cuda" in kinds else 0,
+        # address="local": a new private Ray even when a `ray start` cluster runs on this host.
+        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=len(devices) if "cuda" in kinds else 0,
                  resources=resources, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
     finally:
@@ -400,7 +403,11 @@ def _first_line(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     # A dead actor's last line runs on with troubleshooting advice: its first sentence says it.
-    return lines[-1].split(". ")[0].rstrip(".") if isinstance(error, RayActorError) else lines[-1]
+    line = lines[-1].split(". ")[0].rstrip(".") if isinstance(error, RayActorError) else lines[-1]
+    # A worker's own error arrives as 'package.module.SomeError: message': the message is the line.
+    head, sep, rest = line.partition(": ")
+    return rest if sep and "." in head and head.replace(".", "").replace("_", "").isalnum() \
+        and head.rsplit(".", 1)[1].endswith(("Error", "Exception")) else line
 
 
 def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, log) -> list[str]:
@@ -481,16 +488,43 @@ def write_json(path: Path, data) -> None:
 
 
 def versions() -> dict:
+    """Versions of what decides the numbers and the speed; absent packages are left out."""
     import importlib.metadata as md
 
-    found = {"python": sys.version.split()[0]}
-    for name in ("runner", "torch", "onnxruntime", "onnx", "ray", "opencv-python-headless", "numpy",
+    import runner
+
+    found = {"python": sys.version.split()[0], "runner": runner.__version__}
+    for name in ("torch", "onnxruntime", "onnx", "ray", "opencv-python-headless", "opencv-python", "numpy",
                  "pycocotools", "ais_bench", "aclruntime"):
         try:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
+    try:
+        import cv2
+
+        found["opencv"] = cv2.__version__
+    except ImportError:
+        pass
+    cann = cann_version()
+    if cann:
+        found["cann"] = cann
     return found
+
+
+def cann_version() -> str | None:
+    """CANN's toolkit version from ASCEND_TOOLKIT_HOME's version files, when CANN is set up."""
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
+        try:
+            text = (Path(home) / name).read_text() if home else ""
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip().lower() == "version":
+                return value.strip()
+    return None
 
 
 def format_metrics(metrics: dict) -> str:
@@ -505,57 +539,150 @@ def format_metrics(metrics: dict) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def run(cfg: RunConfig, log=print) -> RunOutcome:
-    if len(cfg.bs) != 1:
-        raise RunError("several batch sizes: use the sweep (runner.sweep.run_sweep)")
-    bs = cfg.bs[0]
-    log = (lambda *a, **k: None) if cfg.quiet else log
-    out = prepare_out(cfg)
+@dataclass
+class Inputs:
+    """What every run of a command shares: the boxes, the checkpoint, whether mAP means anything."""
+
+    box_set: BoxSet
+    weights: str
+    evaluated: bool
+
+
+def load_inputs(cfg: RunConfig) -> Inputs:
     box_set, weights, evaluated = resolve_inputs(cfg)
     check_images(box_set, cfg.skip_missing_images)
+    if evaluated:  # before Ray starts: a wrong, truncated or unsafe file is named at once
+        check_checkpoint(weights)
     if not box_set.boxes:
         raise RunError(f"{box_set.source}: no usable boxes ({len(box_set.skipped)} skipped)")
-    with ray_session(cfg) as session:
-        devices = session.devices
-        backend = choose_backend(cfg.backend, devices)
-        model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
-        journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs))
-        done = journal.start(cfg.resume)
-        shards = make_shards(box_set, bs, cfg.shard_size)
-        todo = deque(s for s in shards if s.id not in done)
-        started = time.time()
-        log(f"{len(box_set.boxes)} boxes in {len(shards)} shards ({len(done)} done before) on "
-            f"{', '.join(str(d) for d in devices)}{' (Ray cluster)' if session.existing else ''}; "
-            f"backend {backend}, bs {bs}")
-        if "npu" in {d.kind for d in devices} and compute_device("npu", backend) == "cpu":
-            log(f"note: backend {backend} computes on the CPU; the NPU slots only place the workers")
-        fresh: list[ShardResult] = []
-        described: list[dict] = []
-        lost: list[str] = []
-        first_dispatch = last_result = time.time()
-        if todo:
-            actors, described = start_workers(session, cfg, backend, model_path, bs, out)
-            log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
+    return Inputs(box_set, weights, evaluated)
 
-            def on_result(r: ShardResult) -> None:
-                nonlocal last_result
-                journal.add(r)
-                fresh.append(r)
-                last_result = time.time()
-                log(f"  shard {r.shard_id + 1}/{len(shards)} from {r.device}: {len(r.box_ids)} boxes")
 
-            first_dispatch = time.time()
+class WorkerPool:
+    """The device workers of one command: started on first use, re-batched for each run of a sweep.
+
+    ``Worker.set_batch`` reopens a worker's session only when the model file changes
+    (a static OM per batch size); dynamic ONNX and torch sessions are kept. Lost
+    workers stay out for the rest of the command.
+    """
+
+    def __init__(self, session: Session, cfg: RunConfig, backend: str) -> None:
+        self.session, self.cfg, self.backend = session, cfg, backend
+        self.actors: dict[str, object] = {}
+        self.described: list[dict] = []
+        self.started = False
+
+    def ready(self, model_path: str, bs: int, out: Path, log) -> tuple[dict[str, object], list[dict]]:
+        if not self.started:
+            self.actors, self.described = start_workers(self.session, self.cfg, self.backend, model_path, bs, out)
+            self.started = True
+            log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in self.described))
+        else:
+            if not self.actors:
+                raise RunError("every device was lost in an earlier run of this command")
             try:
-                lost = dispatch(session.ray, actors, todo, on_result, log)
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted: {len(done) + len(fresh)} of {len(shards)} shards are saved "
-                                  f"in {out / 'journal'}; rerun the same command with --resume") from None
-            finally:
-                for a in actors.values():
-                    try:
-                        session.ray.kill(a)
-                    except Exception:
-                        pass
+                self.session.ray.get([a.set_batch.remote(model_path, bs) for a in self.actors.values()])
+            except Exception as e:
+                raise RunError(f"a device worker could not switch to bs {bs}: {_first_line(e)}") from None
+            write_json(out / "devices.json", [d for d in self.described if d["device"] in self.actors])
+        return dict(self.actors), [dict(d) for d in self.described if d["device"] in self.actors]
+
+    def drop(self, labels: list[str]) -> None:
+        for label in labels:
+            self.actors.pop(label, None)
+
+    def close(self) -> None:
+        for a in self.actors.values():
+            try:
+                self.session.ray.kill(a)
+            except Exception:
+                pass
+        self.actors = {}
+
+
+@contextmanager
+def worker_pool(session: Session, cfg: RunConfig, backend: str) -> Iterator[WorkerPool]:
+    pool = WorkerPool(session, cfg, backend)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+#: The files of one finished run; a sweep's --resume keeps a batch size that has them all.
+RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
+
+
+def load_outcome(out: Path) -> RunOutcome:
+    tp = json.loads((out / "throughput.json").read_text())
+    return RunOutcome(out, json.loads((out / "metrics.json").read_text()), tp, tp.get("lost_devices", []))
+
+
+def run(cfg: RunConfig, log=print) -> RunOutcome:
+    """One run at one batch size; several batch sizes go to ``runner.sweep.run_sweep``."""
+    if len(cfg.bs) != 1:
+        raise RunError("several batch sizes: use the sweep (runner.sweep.run_sweep)")
+    log = (lambda *a, **k: None) if cfg.quiet else log
+    out = prepare_out(cfg)
+    inputs = load_inputs(cfg)
+    with ray_session(cfg) as session:
+        backend = choose_backend(cfg.backend, session.devices)
+        with worker_pool(session, cfg, backend) as pool:
+            outcome = run_batch(cfg, session, pool, inputs, backend, cfg.bs[0], out, log)
+    log(format_throughput(outcome.throughput))
+    log(format_metrics(outcome.metrics))
+    return outcome
+
+
+def run_batch(cfg: RunConfig, session: Session, pool: WorkerPool, inputs: Inputs, backend: str, bs: int,
+              out: Path, log, keep_finished: bool = False) -> RunOutcome:
+    """One full pass over the boxes at batch size ``bs`` into ``out``: the body of a run.
+
+    ``keep_finished``: with --resume, a run whose shards and files are all there is
+    read back instead of being written again (a sweep's finished batch sizes).
+    """
+    box_set, weights, evaluated = inputs.box_set, inputs.weights, inputs.evaluated
+    devices = session.devices
+    model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
+    journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs))
+    done = journal.start(cfg.resume)
+    shards = make_shards(box_set, bs, cfg.shard_size)
+    todo = deque(s for s in shards if s.id not in done)
+    if keep_finished and cfg.resume and not todo and all((out / n).exists() for n in RUN_FILES):
+        log(f"bs {bs}: finished before, kept ({out})")
+        return load_outcome(out)
+    started = time.time()
+    log(f"{len(box_set.boxes)} boxes in {len(shards)} shards ({len(done)} done before) on "
+        f"{', '.join(str(d) for d in devices)}{' (Ray cluster)' if session.existing else ''}; "
+        f"backend {backend}, bs {bs}")
+    if "npu" in {d.kind for d in devices} and compute_device("npu", backend) == "cpu":
+        log(f"note: backend {backend} computes on the CPU; the NPU slots only place the workers")
+    fresh: list[ShardResult] = []
+    described: list[dict] = []
+    lost: list[str] = []
+    first_dispatch = last_result = time.time()
+    if todo:
+        actors, described = pool.ready(model_path, bs, out, log)
+        done_boxes = sum(len(r.box_ids) for r in done.values())
+        progress = Progress(len(box_set.boxes), done_boxes, list(actors), len(shards), quiet=cfg.quiet, log=log,
+                            title=f"bs {bs} ")
+
+        def on_result(r: ShardResult) -> None:
+            nonlocal last_result
+            journal.add(r)
+            fresh.append(r)
+            last_result = time.time()
+            progress.update(r)
+
+        first_dispatch = time.time()
+        try:
+            lost = dispatch(session.ray, actors, todo, on_result, log)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {len(done) + len(fresh)} of {len(shards)} shards are saved "
+                              f"in {out / 'journal'}; rerun the same command with --resume") from None
+        finally:
+            progress.close()
+        pool.drop(lost)
     for d in described:
         d["lost"] = d["device"] in lost
     if described:
@@ -583,11 +710,29 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
     tp["totals"]["resumed_boxes"] = int(sum(len(r.box_ids) for r in done.values()))
     tp["lost_devices"] = lost
     write_json(out / "throughput.json", tp)
+    finished = time.time()
     write_json(out / "run.json", {
-        "config": asdict(cfg), "backend": backend, "model_path": model_path, "devices": described,
-        "versions": versions(), "weights_sha256": journal.fingerprint["weights_sha256"],
-        "box_source_sha256": journal.fingerprint["box_source_sha256"], "boxes": len(box_set.boxes),
-        "started": started, "finished": time.time(), "timing_scope": tp["labels"]})
-    log(format_throughput(tp))
-    log(format_metrics(metrics))
+        "config": asdict(cfg), "bs": bs, "backend": backend, "model_path": model_path,
+        "model": {"name": "FastPose ResNet-50 256x192", "file": Path(model_path).name},
+        "devices": described,
+        "device_specs": [{"kind": d.kind, "id": d.id, "name": d.name, "soc": d.soc} for d in devices],
+        "versions": versions(), "weights": weights, "weights_sha256": journal.fingerprint["weights_sha256"],
+        "box_source": box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
+        "boxes": len(box_set.boxes), "skipped_boxes": len(box_set.skipped),
+        "started": started, "finished": finished, "started_iso": _iso(started), "finished_iso": _iso(finished),
+        "timing_scope": dict(tp["labels"], **TIMING_SCOPE)})
     return RunOutcome(out, metrics, tp, lost)
+
+
+#: Where each time figure starts and stops; written into run.json next to the per-figure labels.
+TIMING_SCOPE = {
+    "started/finished": "run.json only: from the journal's start (after the model is converted or found in "
+                        "the cache) to the last file written, evaluation included",
+    "e2e window": "first shard dispatched to last shard result: excludes Ray start, worker start, model "
+                  "conversion, merge, OKS-NMS and COCOeval",
+    "device_seconds scope": "per backend call, timed inside the actor around the backend's run()",
+}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")

@@ -108,7 +108,7 @@ def boxes_from_detections(det_file: str, ann: dict) -> tuple[list[Box], list[Ski
     dets = _load_json(det_file, "detection file")
     if not isinstance(dets, list):
         raise DataError(f"{det_file}: a detection file is a JSON list of "
-                        "{{image_id, category_id, bbox: [x, y, w, h], score}}, got {type(dets).__name__}")
+                        f"{{image_id, category_id, bbox: [x, y, w, h], score}}, got {type(dets).__name__}")
     known = {int(im["id"]) for im in ann["images"]}
     boxes: list[Box] = []
     skipped: list[Skipped] = []

@@ -155,7 +155,8 @@ def _key_diff(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> No
             shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
             problems.append(f"{len(keys)} {label}: {shown}")
     if problems:
-        raise CheckpointError(f"{path}: not a FastPose-R50 checkpoint: " + "; ".join(problems))
+        raise CheckpointError(f"{path}: not a FastPose-R50 checkpoint: " + "; ".join(problems)
+                              + "; give AlphaPose's fast_res50_256x192.pth (FastPose ResNet-50 256x192)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -167,13 +168,26 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint "
-                              f"(truncated or not a torch file): {str(e).splitlines()[0]}") from None
+                              f"(truncated or not a torch file): {str(e).splitlines()[0]}; download it again "
+                              "(fast_res50_256x192.pth is 162,603,012 bytes)") from None
     except Exception as e:  # pickle.UnpicklingError from weights_only refusing code objects
         if type(e).__name__ == "UnpicklingError":
             raise CheckpointError(f"{path}: refused: the file holds Python objects other than "
                                   "tensors, and loading it could run code (weights_only=True)") from None
         raise
     return checkpoint_filter_fn(state, path)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError (one line) unless ``path`` loads strictly into FastPose.
+
+    The driver calls it before any worker starts, so a wrong, truncated or unsafe
+    file is reported by name at once instead of as a failed worker.
+    """
+    state = load_checkpoint(path)
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = FastPose()
+    _key_diff(model, state, str(path))
 
 
 def build_fastpose(weights: str | Path | dict[str, torch.Tensor] | None = None,

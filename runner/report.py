@@ -1,0 +1,203 @@
+"""Tables and plots from saved runs: a sweep's summary, and runs compared side by side.
+
+Everything here reads the files a run wrote (``run.json``, ``metrics.json``,
+``throughput.json``), so ``python -m runner report OUT`` redraws what the run drew.
+A run directory holds those files; a sweep directory holds one ``bs{N}/`` per batch size.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.journal import atomic_write_text
+
+
+class ReportError(ValueError):
+    """A directory that holds no saved run; one line for the user."""
+
+
+@dataclass
+class SavedRun:
+    dir: Path
+    bs: int
+    backend: str
+    model: str
+    metrics: dict
+    throughput: dict
+
+
+def load_run(path: Path) -> SavedRun:
+    run = json.loads((path / "run.json").read_text())
+    bs = run.get("bs") or run["config"]["bs"][0]
+    model = run.get("model", {}).get("name", "FastPose ResNet-50 256x192")
+    return SavedRun(path, int(bs), run["backend"], model, json.loads((path / "metrics.json").read_text()),
+                    json.loads((path / "throughput.json").read_text()))
+
+
+def load_runs(path: str | Path) -> list[SavedRun]:
+    """The runs in a run directory (one) or a sweep directory (one per ``bs{N}/``), by batch size."""
+    path = Path(path)
+    if (path / "run.json").exists():
+        return [load_run(path)]
+    runs = [load_run(d) for d in path.glob("bs*") if (d / "run.json").exists()]
+    if not runs:
+        raise ReportError(f"{path}: no saved run (run.json) here or in its bs*/ directories")
+    return sorted(runs, key=lambda r: r.bs)
+
+
+def _map(run: SavedRun) -> float | None:
+    return run.metrics["AP"] if run.metrics.get("evaluated") else None
+
+
+def summary_rows(runs: list[SavedRun]) -> list[dict]:
+    """One row per run in the reference's shape: model, bs, mAP, fps per device, sums, end to end."""
+    rows = []
+    for r in runs:
+        t = r.throughput["totals"]
+        rows.append({"model": r.model, "backend": r.backend, "bs": r.bs, "mAP": _map(r),
+                     "device_fps": {d["id"]: d["device_fps"] for d in r.throughput["devices"]},
+                     "device_crops": {d["id"]: d["crops"] for d in r.throughput["devices"]},
+                     "sum_device_fps": t["sum_device_fps"], "e2e_boxes_per_s": t["e2e_boxes_per_s"],
+                     "e2e_crops_per_s": t["e2e_crops_per_s"], "complete": r.metrics.get("complete", True),
+                     "dir": str(r.dir)})
+    return rows
+
+
+def _device_ids(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(d for row in rows for d in row["device_fps"]))
+
+
+def _fmt_map(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def table_columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    devices = _device_ids(rows)
+    head = ["model", "backend", "bs", "mAP", *[f"{d} fps" for d in devices], "sum device fps",
+            "e2e boxes/s", "e2e crops/s"]
+    body = []
+    for row in rows:
+        fps = [f"{row['device_fps'][d]:.1f}" if row["device_crops"].get(d) else "-" for d in devices]
+        body.append([row["model"], row["backend"], str(row["bs"]), _fmt_map(row["mAP"]), *fps,
+                     f"{row['sum_device_fps']:.1f}", f"{row['e2e_boxes_per_s']:.1f}", f"{row['e2e_crops_per_s']:.1f}"])
+    return head, body
+
+
+def format_markdown(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_table(head: list[str], body: list[list[str]]) -> str:
+    """The same table aligned for a terminal."""
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), "-" * len(line(head)), *[line(r) for r in body]])
+
+
+SCOPE_NOTE = ("device fps: crops per second of backend compute (2 crops per box with flip test); sum: their sum "
+              "over devices; e2e: all boxes or crops over the wall time from first dispatch to last result")
+
+
+def write_summary(out: Path, runs: list[SavedRun]) -> str:
+    """``summary.md``, ``summary.csv``, ``summary.json`` and ``throughput.png`` in ``out``; returns the table."""
+    rows = summary_rows(runs)
+    head, body = table_columns(rows)
+    atomic_write_text(out / "summary.md", format_markdown(head, body) + f"\n\n{SCOPE_NOTE}\n")
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([head, *body])
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "scope": SCOPE_NOTE}, indent=1))
+    plot_throughput(rows, out / "throughput.png")
+    return format_table(head, body)
+
+
+#: throughput.png's size in pixels (width, height): figsize times dpi, no tight bounding box.
+PLOT_SIZE = (900, 540)
+_DPI = 100
+
+
+def plot_throughput(rows: list[dict], path: Path) -> None:
+    """Throughput against batch size: one line per device and the total, mAP written at each total point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(PLOT_SIZE[0] / _DPI, PLOT_SIZE[1] / _DPI), dpi=_DPI)
+    try:
+        bs = [row["bs"] for row in rows]
+        for d in _device_ids(rows):
+            points = [(row["bs"], row["device_fps"][d]) for row in rows if row["device_crops"].get(d)]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{d} device fps")
+        total = [row["sum_device_fps"] for row in rows]
+        ax.plot(bs, total, marker="s", linewidth=2, color="black", label="sum of device fps")
+        ax.plot(bs, [row["e2e_crops_per_s"] for row in rows], marker="^", linestyle="--", color="gray",
+                label="end to end crops/s")
+        for x, y, row in zip(bs, total, rows):
+            ax.annotate(f"mAP {_fmt_map(row['mAP'])}", (x, y), textcoords="offset points", xytext=(0, 8),
+                        ha="center", fontsize=8)
+        if len(set(bs)) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("crops per second")
+        ax.set_title(f"{rows[0]['model']} ({rows[0]['backend']})" if rows else "throughput")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=_DPI)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+
+
+def compare(base: list[SavedRun], other: list[SavedRun]) -> list[dict]:
+    """Per batch size in both: mAP difference (other - base) and throughput ratios (other / base)."""
+    by_bs = {r.bs: r for r in base}
+    rows = []
+    for r in other:
+        b = by_bs.get(r.bs)
+        if b is None:
+            continue
+        bt, ot = b.throughput["totals"], r.throughput["totals"]
+        ratio = lambda key: ot[key] / bt[key] if bt[key] else float("nan")
+        rows.append({"bs": r.bs, "mAP_base": _map(b), "mAP_other": _map(r),
+                     "mAP_diff": None if _map(b) is None or _map(r) is None else _map(r) - _map(b),
+                     "sum_device_fps_ratio": ratio("sum_device_fps"),
+                     "e2e_boxes_per_s_ratio": ratio("e2e_boxes_per_s"),
+                     "e2e_crops_per_s_ratio": ratio("e2e_crops_per_s")})
+    return rows
+
+
+def format_compare(base_name: str, other_name: str, rows: list[dict]) -> str:
+    head = ["bs", "mAP base", "mAP other", "mAP diff", "device fps ratio", "e2e boxes/s ratio"]
+    body = [[str(r["bs"]), _fmt_map(r["mAP_base"]), _fmt_map(r["mAP_other"]),
+             "n/a" if r["mAP_diff"] is None else f"{r['mAP_diff']:+.4f}",
+             f"{r['sum_device_fps_ratio']:.3f}", f"{r['e2e_boxes_per_s_ratio']:.3f}"] for r in rows]
+    if not body:
+        return f"{other_name} vs {base_name}: no batch size in common"
+    return f"{other_name} vs {base_name} (other / base):\n" + format_table(head, body)
+
+
+def _name(path: str, runs: list[SavedRun]) -> str:
+    return f"{Path(path).name} [{runs[0].backend}, {len(runs[0].throughput['devices'])} devices]"
+
+
+def report(dirs: list[str], log=print) -> list[list[dict]]:
+    """Re-render each directory's summary (files and table); compare every further one with the first."""
+    loaded = [load_runs(d) for d in dirs]
+    for d, runs in zip(dirs, loaded):
+        log(f"{d}:")
+        log(write_summary(Path(d), runs))
+    comparisons = []
+    for d, runs in zip(dirs[1:], loaded[1:]):
+        rows = compare(loaded[0], runs)
+        comparisons.append(rows)
+        log(format_compare(_name(dirs[0], loaded[0]), _name(d, runs), rows))
+    return comparisons

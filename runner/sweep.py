@@ -1,0 +1,51 @@
+"""``--bs 1,4,8``: one full run per batch size, with Ray and the workers started once.
+
+Each run lands in ``OUT/bs{N}/`` with the files of a single run; the sweep adds
+``OUT/summary.md``, ``summary.csv``, ``summary.json`` and ``throughput.png``
+(``runner.report``) and prints the table. Workers switch batch size with
+``Worker.set_batch``, which reopens a session only for a new model file (a static
+OM per batch size). ``--resume`` continues per batch size: finished ones are kept,
+the interrupted one resumes from its journal, the rest run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from runner.config import RunConfig
+from runner.driver import (RunOutcome, RunError, choose_backend, format_metrics, load_inputs, prepare_out,
+                           ray_session, run_batch, worker_pool)
+from runner.report import load_run, write_summary
+
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json", "throughput.png")
+
+
+def run_dir(out: Path, bs: int) -> Path:
+    return out / f"bs{bs}"
+
+
+def run_sweep(cfg: RunConfig, log=print) -> list[RunOutcome]:
+    if len(set(cfg.bs)) != len(cfg.bs):
+        raise RunError(f"--bs {','.join(map(str, cfg.bs))}: a batch size is repeated")
+    log = (lambda *a, **k: None) if cfg.quiet else log
+    out = prepare_out(cfg)
+    if cfg.overwrite and not cfg.resume:
+        for name in SUMMARY_FILES:
+            (out / name).unlink(missing_ok=True)
+    inputs = load_inputs(cfg)
+    outcomes = []
+    with ray_session(cfg) as session:
+        backend = choose_backend(cfg.backend, session.devices)
+        with worker_pool(session, cfg, backend) as pool:
+            for bs in cfg.bs:
+                one = dataclasses.replace(cfg, bs=(bs,), out=str(run_dir(out, bs)))
+                outcome = run_batch(one, session, pool, inputs, backend, bs, prepare_out(one), log,
+                                    keep_finished=True)
+                log(f"bs {bs}: {format_metrics(outcome.metrics).splitlines()[0]}, "
+                    f"sum of device fps {outcome.throughput['totals']['sum_device_fps']:.1f}, "
+                    f"e2e {outcome.throughput['totals']['e2e_boxes_per_s']:.1f} boxes/s")
+                outcomes.append(outcome)
+    table = write_summary(out, [load_run(run_dir(out, bs)) for bs in sorted(cfg.bs)])
+    log(table)
+    log(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary.json'}, {out / 'throughput.png'}")
+    return outcomes

@@ -1,0 +1,53 @@
+"""One image -> its person detection records; records -> the detection file (spec §1, §8).
+
+``net_fn`` is the only backend-specific part: it maps the letterboxed input to the raw
+head maps (PyTorch: ``yolo.torch_net_fn``, ONNX Runtime: ``onnx_runtime.onnxruntime_net_fn``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .darknet_cfg import Yolo
+from .postprocess import coco_person_records, letterbox_xyxy_to_image, person_boxes_letterbox
+from .preprocess import letterbox_bgr_to_rgb_input, read_image_bgr
+from .spec import YOLOV3_SPP, DetectorSpec
+from .yolo import NetFn, decode_yolo_heads
+
+
+def detect_image(net_fn: NetFn, image_path: str | Path, image_id: int, heads: Sequence[Yolo],
+                 spec: DetectorSpec = YOLOV3_SPP) -> list[dict]:
+    """``[{category_id: 1, score, bbox: [x, y, w, h], image_id}, ...]``, obj descending.
+
+    ``heads`` are the cfg's ``[yolo]`` layers (``DarknetCfg.yolo_heads``). Upstream takes
+    ``image_id`` from the file name stem; for COCO that is the annotation's id.
+    """
+    bgr = read_image_bgr(image_path)
+    pred = decode_yolo_heads(net_fn(letterbox_bgr_to_rgb_input(bgr, spec.inp)), heads, spec.inp)
+    boxes = person_boxes_letterbox(pred[0].numpy(), spec)
+    height, width = bgr.shape[:2]
+    return coco_person_records(letterbox_xyxy_to_image(boxes, width, height, spec.inp), image_id)
+
+
+def coco_image_list(ann_file: str | Path, image_dir: str | Path) -> list[tuple[Path, int]]:
+    """``(path, image_id)`` for every image of a COCO annotation file, ascending id (D15)."""
+    with open(ann_file) as f:
+        images = {im["id"]: im["file_name"] for im in json.load(f)["images"]}
+    return [(Path(image_dir) / images[i], i) for i in sorted(images)]
+
+
+def write_detections(path: str | Path, records: Sequence[dict]) -> None:
+    """``json.dump`` of the list, as upstream writes it, replacing ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain open (not mkstemp) so the file gets the usual umask permissions, not 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(list(records), f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

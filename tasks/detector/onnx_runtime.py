@@ -1,0 +1,63 @@
+"""The detector network as ONNX, run with ONNX Runtime on the CPU.
+
+The graph carries only the network (input -> raw head maps); decode and post-processing
+stay in ``yolo.decode_yolo_heads`` / ``postprocess`` so every backend shares them.
+Expect ~0.02 px / 3e-5 score differences from PyTorch, not bit equality (spec §10).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .yolo import Darknet, NetFn
+
+INPUT_NAME = "input"
+
+
+def export_darknet_onnx(model: Darknet, path: str | Path, inp: int = 608, opset: int = 17) -> Path:
+    """Write ``model`` as ONNX (dynamic batch) and check the graph; returns ``path``.
+
+    The export options are stored in the model's metadata so the file describes itself.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [f"yolo_raw_{k}" for k in range(len(model.cfg.yolo_heads))]
+    dummy = torch.zeros(1, 3, inp, inp)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose (dynamo=False); the zero pad's
+        # index arithmetic is left unfolded, which onnxruntime runs as is.
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
+        torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    for key, value in (("runner.input", f"float32[batch,3,{inp},{inp}] RGB /255 letterbox"),
+                       ("runner.outputs", "raw [yolo] inputs in cfg order"),
+                       ("runner.opset", str(opset))):
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return path
+
+
+def onnxruntime_net_fn(onnx_path: str | Path, intra_op_threads: int = 2) -> NetFn:
+    """A CPU ONNX Runtime session over the exported detector, as a ``NetFn``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError("the ONNX detector needs onnxruntime: pip install onnxruntime") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {INPUT_NAME: x})
+
+    return run

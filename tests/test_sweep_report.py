@@ -1,0 +1,169 @@
+"""``--bs 1,4``: one run per batch size in one command, the summary files and plot, and ``report``.
+
+Each sweep runs once per module (two CPU workers, ONNX Runtime, small shards) and the
+tests read its files back: every figure in the summary must be the one the run's own
+metrics.json and throughput.json hold.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from conftest import COCO_MINI, COCO_MINI_DETS, REPO, SHARED
+from runner.report import PLOT_SIZE, compare, load_runs
+from tasks.model import file_sha256
+
+SIZES = (1, 4)
+RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json")
+
+
+def runner(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read(path: Path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module", params=["synthetic", "coco-mini"])
+def sweep(request, tmp_path_factory, synthetic_coco, random_checkpoint, models_dir) -> dict:
+    """A finished ``--bs 1,4 --devices cpu:2`` sweep: its OUT, stdout, inputs and expected crops per bs."""
+    if request.param == "coco-mini":
+        if not SHARED.is_dir():
+            pytest.skip("../shared (reference data) is absent: a user's clone has none")
+        dataroot, dets, crops, shard = str(COCO_MINI), str(COCO_MINI_DETS), 236, "32"
+    else:
+        dataroot, dets, crops, shard = synthetic_coco["dataroot"], synthetic_coco["dets"], 36, "8"
+    out = tmp_path_factory.mktemp(f"sweep-{request.param}") / "out"
+    inputs = ["--dataroot", dataroot, "--dets", dets, "--weights", random_checkpoint, "--models-dir", models_dir]
+    proc = runner(*inputs, "--bs", ",".join(map(str, SIZES)), "--devices", "cpu:2", "--backend", "onnxruntime",
+                  "--shard-size", shard, "--out", str(out))
+    return {"out": out, "stdout": proc.stdout, "crops": crops, "inputs": inputs, "dets": dets,
+            "ckpt": random_checkpoint, "name": request.param}
+
+
+def test_sweep_writes_one_run_per_batch_size(sweep):
+    out = sweep["out"]
+    assert not (out / "keypoints.json").exists()  # a sweep's runs live in bs{N}/
+    for bs in SIZES:
+        for name in RUN_FILES:
+            assert (out / f"bs{bs}" / name).is_file(), f"bs{bs}/{name}"
+        assert (out / f"bs{bs}" / "journal" / "fingerprint.json").is_file()
+        tp = read(out / f"bs{bs}" / "throughput.json")
+        assert sum(d["crops"] for d in tp["devices"]) == sweep["crops"] == tp["totals"]["crops"]
+        assert read(out / f"bs{bs}" / "journal" / "fingerprint.json")["bs"] == bs
+    # Ray and the workers start once: the same processes ran every batch size.
+    pids = [sorted(d["pid"] for d in read(out / f"bs{bs}" / "devices.json")) for bs in SIZES]
+    assert pids[0] == pids[1] and len(pids[0]) == 2
+
+
+def test_summary_rows_are_the_runs_figures(sweep):
+    out = sweep["out"]
+    rows = read(out / "summary.json")["rows"]
+    assert [r["bs"] for r in rows] == list(SIZES)
+    for row in rows:
+        metrics = read(out / f"bs{row['bs']}" / "metrics.json")
+        tp = read(out / f"bs{row['bs']}" / "throughput.json")
+        assert metrics["evaluated"] and row["mAP"] == metrics["AP"]
+        assert row["backend"] == "onnxruntime" and row["model"] == "FastPose ResNet-50 256x192"
+        assert row["device_fps"] == {d["id"]: d["device_fps"] for d in tp["devices"]}
+        assert set(row["device_crops"]) == {"cpu:0", "cpu:1"}
+        assert sum(row["device_crops"].values()) == sweep["crops"]
+        for key in ("sum_device_fps", "e2e_boxes_per_s", "e2e_crops_per_s"):
+            assert row[key] == tp["totals"][key]
+        assert row["sum_device_fps"] == pytest.approx(sum(row["device_fps"].values()))
+    with open(out / "summary.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["model", "backend", "bs", "mAP", "cpu:0 fps", "cpu:1 fps", "sum device fps",
+                        "e2e boxes/s", "e2e crops/s"]
+    assert [r[2] for r in table[1:]] == ["1", "4"]
+    assert [r[3] for r in table[1:]] == [f"{row['mAP']:.4f}" for row in rows]
+    assert [r[6] for r in table[1:]] == [f"{row['sum_device_fps']:.1f}" for row in rows]
+    md = (out / "summary.md").read_text()
+    assert md.startswith("| model | backend | bs | mAP |") and md.count("\n| FastPose") == 2
+    # The table is printed at the end.
+    printed = sweep["stdout"].splitlines()
+    head = next(i for i, line in enumerate(printed) if line.startswith("model ") and "sum device fps" in line)
+    assert [line.split()[4] for line in printed[head + 2:head + 4]] == ["1", "4"]
+
+
+def test_plot_decodes_at_its_size(sweep):
+    image = cv2.imread(str(sweep["out"] / "throughput.png"))
+    assert image is not None and image.shape == (PLOT_SIZE[1], PLOT_SIZE[0], 3)
+    assert image.std() > 10  # something is drawn
+
+
+def test_run_json_describes_the_run(sweep):
+    run = read(sweep["out"] / "bs4" / "run.json")
+    assert run["bs"] == 4 and run["config"]["bs"] == [4] and run["backend"] == "onnxruntime"
+    assert {"python", "runner", "torch", "onnxruntime", "ray", "numpy", "opencv"} <= set(run["versions"])
+    assert run["weights_sha256"] == file_sha256(sweep["ckpt"])
+    assert run["box_source_sha256"] == file_sha256(sweep["dets"]) and run["boxes"] == sweep["crops"] // 2
+    assert [d["name"] for d in run["device_specs"]] == ["cpu", "cpu"] and "soc" in run["device_specs"][0]
+    assert run["started"] <= run["finished"] and run["started_iso"].endswith("+00:00")
+    assert {"device_fps", "e2e_boxes_per_s", "wall_seconds", "e2e window"} <= set(run["timing_scope"])
+
+
+def test_report_rerenders_and_compares(sweep, tmp_path):
+    """``report SWEEP SINGLE``: the summary again, and torch at bs 4 against the sweep per common bs."""
+    if sweep["name"] != "synthetic":
+        pytest.skip("the synthetic sweep covers report; torch on coco-mini would only cost time")
+    saved = (sweep["out"] / "summary.md").read_text()
+    (sweep["out"] / "summary.md").unlink()
+    single = tmp_path / "torch-bs4"
+    quiet = runner(*sweep["inputs"], "--bs", "4", "--devices", "cpu", "--backend", "torch", "--threads", "2",
+                   "--out", str(single), "--quiet")
+    assert quiet.stdout == "" and quiet.stderr == ""
+    proc = runner("report", str(sweep["out"]), str(single))
+    assert (sweep["out"] / "summary.md").read_text() == saved
+    assert (single / "summary.md").is_file() and (single / "throughput.png").is_file()
+
+    base = read(sweep["out"] / "bs4" / "throughput.json")["totals"]
+    other = read(single / "throughput.json")["totals"]
+    map_diff = read(single / "metrics.json")["AP"] - read(sweep["out"] / "bs4" / "metrics.json")["AP"]
+    rows = compare(load_runs(sweep["out"]), load_runs(single))
+    assert [r["bs"] for r in rows] == [4]
+    assert rows[0]["mAP_diff"] == pytest.approx(map_diff, abs=1e-12)
+    assert rows[0]["sum_device_fps_ratio"] == pytest.approx(other["sum_device_fps"] / base["sum_device_fps"])
+    assert rows[0]["e2e_boxes_per_s_ratio"] == pytest.approx(other["e2e_boxes_per_s"] / base["e2e_boxes_per_s"])
+    lines = proc.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("torch-bs4 [torch, 1 devices] vs out [onnxruntime, 2 devices]"))
+    line = next(ln for ln in lines[start:] if ln.split()[:1] == ["4"])
+    assert line.split()[3:] == [f"{map_diff:+.4f}", f"{other['sum_device_fps'] / base['sum_device_fps']:.3f}",
+                                f"{other['e2e_boxes_per_s'] / base['e2e_boxes_per_s']:.3f}"]
+
+
+def test_resume_continues_per_batch_size(sweep, tmp_path):
+    """A sweep cut off after bs 1: --resume keeps bs 1 as it was and runs bs 4."""
+    if sweep["name"] != "synthetic":
+        pytest.skip("the synthetic sweep covers resume; coco-mini would only cost time")
+    out = tmp_path / "out"
+    shutil.copytree(sweep["out"], out)
+    shutil.rmtree(out / "bs4")
+    kept = (out / "bs1" / "run.json").read_bytes()
+    proc = runner(*sweep["inputs"], "--bs", "1,4", "--devices", "cpu:2", "--backend", "onnxruntime",
+                  "--shard-size", "8", "--out", str(out), "--resume")
+    assert "bs 1: finished before, kept" in proc.stdout
+    assert (out / "bs1" / "run.json").read_bytes() == kept
+    assert (out / "bs4" / "keypoints.json").read_bytes() == (sweep["out"] / "bs4" / "keypoints.json").read_bytes()
+    assert [r["bs"] for r in read(out / "summary.json")["rows"]] == [1, 4]
+
+
+def test_sweep_preset_is_the_reference_sizes():
+    from runner.config import load_config
+
+    assert load_config(str(REPO / "configs" / "sweep.yaml")).bs == (1, 4, 8, 16, 32, 64)
+    assert load_config(str(REPO / "configs" / "sweep.yaml"), {"bs": "2,8"}).bs == (2, 8)
