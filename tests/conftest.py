@@ -50,3 +50,15 @@ def dynamic_onnx(random_checkpoint, models_dir) -> str:
 
     x = np.random.default_rng(0).normal(0, 0.3, (2, 3, 256, 192)).astype(np.float32)
     return str(export_onnx(random_checkpoint, models_dir, ExportOptions(batch_size=None), x))
+
+
+@pytest.fixture
+def data(synthetic_coco, random_checkpoint, models_dir) -> dict:
+    """The synthetic set, its checkpoint, and the keypoints a run without Ray gives (Ray tests)."""
+    from ray_support import reference_keypoints
+    from tasks.dataset import load_boxes
+
+    box_ids = sorted(b.id for b in load_boxes(synthetic_coco["dataroot"], synthetic_coco["dets"]).boxes)
+    expected = reference_keypoints(synthetic_coco["dataroot"], synthetic_coco["dets"], random_checkpoint)
+    return {"coco": synthetic_coco, "ckpt": random_checkpoint, "models": models_dir, "box_ids": box_ids,
+            "expected": expected}

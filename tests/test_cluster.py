@@ -17,17 +17,8 @@ ray = pytest.importorskip("ray")
 
 from cluster.devices import DeviceError  # noqa: E402
 from ray_support import (FOUR_310P3, check_throughput, cli_args, cli_env, config, journalled_box_ids,  # noqa: E402
-                         reference_keypoints, run_cli, write_fake_npu_smi)
+                         run_cli, write_fake_npu_smi)
 from runner.driver import run  # noqa: E402
-from tasks.dataset import load_boxes  # noqa: E402
-
-
-@pytest.fixture
-def data(synthetic_coco, random_checkpoint, models_dir) -> dict:
-    box_ids = sorted(b.id for b in load_boxes(synthetic_coco["dataroot"], synthetic_coco["dets"]).boxes)
-    expected = reference_keypoints(synthetic_coco["dataroot"], synthetic_coco["dets"], random_checkpoint)
-    return {"coco": synthetic_coco, "ckpt": random_checkpoint, "models": models_dir, "box_ids": box_ids,
-            "expected": expected}
 
 
 @pytest.fixture

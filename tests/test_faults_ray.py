@@ -17,17 +17,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ray_support import (check_throughput, cli_args, cli_env, config, journalled_box_ids,  # noqa: E402
-                         read_devices, reference_keypoints, run_cli, shards_landed, wait_for)
+                         read_devices, run_cli, shards_landed, wait_for)
 from runner.driver import RunError, run  # noqa: E402
-from tasks.dataset import load_boxes  # noqa: E402
-
-
-@pytest.fixture
-def data(synthetic_coco, random_checkpoint, models_dir) -> dict:
-    box_ids = sorted(b.id for b in load_boxes(synthetic_coco["dataroot"], synthetic_coco["dets"]).boxes)
-    expected = reference_keypoints(synthetic_coco["dataroot"], synthetic_coco["dets"], random_checkpoint)
-    return {"coco": synthetic_coco, "ckpt": random_checkpoint, "models": models_dir, "box_ids": box_ids,
-            "expected": expected}
 
 
 @pytest.fixture
