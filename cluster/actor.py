@@ -2,18 +2,21 @@
 
 ``Worker`` is a plain class; the driver turns it into a Ray actor with
 ``ray.remote(...)(Worker)`` and the resources that pin it to its device. It holds
-no numerics of its own: it prepares crops in a prefetch thread (overlapping the
-device), runs ``tasks.pipeline`` and returns keypoints keyed by box id, never
-heatmaps unless asked to dump them on its own side.
+no numerics of its own: prefetch threads prepare crops and network inputs and
+queue them for one device thread, which makes the backend calls of
+``tasks.pipeline`` back to back; the shard's own thread merges and decodes. It
+returns keypoints keyed by box id, never heatmaps unless asked to dump them on
+its own side.
 """
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import numpy as np
 
 from tasks.backends import open_backend
 from tasks.dataset import Box, ImageError, read_rgb
-from tasks.pipeline import PreparedBatch, keypoints_for_batch, prepare_batch
+from tasks.deploy import Variant
+from tasks.decode import decode_keypoints
+from tasks.pipeline import PreparedBatch, merge_outputs, network_inputs, prepare_batch, run_network
 
 
 #: The variable Ray sets to pin an actor to its accelerator, by slot kind (spec ascend.md §4.3).
@@ -40,6 +45,8 @@ class WorkerConfig:
     prep_threads: int = 1
     flip: bool = True
     dump_dir: str | None = None  # write merged heatmaps here, per shard
+    variant: Variant = Variant()  # what the model file computes (tasks.deploy)
+    sim_rate: float = 0.0  # network inputs per second, for the sim backend
 
 
 @dataclass
@@ -60,7 +67,9 @@ class ShardResult:
     crops: int = 0  # network inputs computed (padding excluded)
     calls: int = 0
     device_seconds: float = 0.0  # backend compute only
-    busy_seconds: float = 0.0  # holding the device: inference, merge and decode
+    busy_seconds: float = 0.0  # holding the device: the backend calls
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
     started: float = 0.0  # unix time
     finished: float = 0.0
 
@@ -89,13 +98,17 @@ class _ImageCache:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.backend = open_backend(config.backend, config.model_path, config.device,
-                                    config.batch_size, config.threads)
+        self.backend = self._open(config)
         self._images = _ImageCache()
         self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
-        # One session, one caller at a time (ais_bench sessions are not thread-safe);
-        # a second shard's preprocessing overlaps the first one's inference.
-        self._device = threading.Lock()
+        # One thread owns the session (ais_bench sessions are not thread-safe) and runs
+        # the prepared batches of every shard back to back: after a call it takes the
+        # next queued batch at once. Handing the device between shard threads through a
+        # lock cost ~1.2 ms per batch in waking the next holder (measured, sim backend).
+        self._device = threading.Lock()  # held per call; set_batch takes it to swap the session
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._device_thread = threading.Thread(target=self._device_loop, name="device", daemon=True)
+        self._device_thread.start()
 
     def set_batch(self, model_path: str, batch_size: int) -> None:
         """Run the next shards at ``batch_size`` (a sweep's next run).
@@ -107,29 +120,35 @@ class Worker:
         with self._device:
             if model_path != cfg.model_path:
                 self.backend.close()
-                self.backend = open_backend(cfg.backend, model_path, cfg.device, batch_size, cfg.threads)
+                self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
+                self.backend = self._open(self.config)
             else:
                 self.backend.batch_size = batch_size
-            self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
+                self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
+
+    @staticmethod
+    def _open(cfg: WorkerConfig):
+        return open_backend(cfg.backend, cfg.model_path, cfg.device, cfg.batch_size, cfg.threads,
+                            cfg.variant, cfg.sim_rate)
 
     def describe(self) -> dict:
-        """Where this worker landed: the driver names the device from it and writes OUT/devices.json.
+        return describe_placement(self.config)
 
-        ``visible_devices`` is the visibility variable Ray set for this actor
-        (ASCEND_RT_VISIBLE_DEVICES for an NPU slot, CUDA_VISIBLE_DEVICES for a GPU):
-        one id per actor when pinning works.
-        """
-        cfg = self.config
-        node_id, node_ip, accelerator_ids = _ray_placement()
-        host = socket.gethostname()
-        var = VISIBILITY_VARS.get(cfg.kind)
-        return {"device": cfg.label, "kind": cfg.kind, "compute_device": cfg.device, "backend": cfg.backend,
-                # Simulated nodes share a hostname; the node id prefix tells them apart.
-                "node": f"{host}/{node_id[:8]}" if node_id else host, "host": host, "node_ip": node_ip,
-                "node_id": node_id, "pid": os.getpid(), "accelerator_ids": accelerator_ids,
-                "visible_devices": os.environ.get(var) if var else None, "threads": cfg.threads}
+    def _device_loop(self) -> None:
+        """The device thread: queued batches in, (outputs, device seconds, seconds held) out."""
+        while (item := self._queue.get()) is not None:
+            inputs, done = item
+            try:
+                with self._device:
+                    t0 = time.perf_counter()
+                    outputs, seconds = run_network(self.backend, inputs)
+                    held = time.perf_counter() - t0
+                done.set_result((outputs, seconds, held))
+            except BaseException as e:  # raised again in the shard that queued the batch
+                done.set_exception(e)
 
-    def _prepare(self, boxes: list[Box], paths: dict[int, str]) -> tuple[PreparedBatch | None, list]:
+    def _prepare(self, boxes: list[Box], paths: dict[int, str]) -> tuple[PreparedBatch | None, list, list, Future]:
+        """All host work of one batch before the device; then the batch is queued for the device thread."""
         images, skipped = {}, []
         for image_id in dict.fromkeys(b.image_id for b in boxes):
             try:
@@ -137,7 +156,13 @@ class Worker:
             except ImageError as e:
                 skipped += [(b.id, str(e)) for b in boxes if b.image_id == image_id]
         usable = [b for b in boxes if b.image_id in images]
-        return (prepare_batch(usable, images) if usable else None), skipped
+        on_device: Future = Future()
+        if not usable:
+            return None, skipped, [], on_device
+        prepared = prepare_batch(usable, images)
+        inputs = network_inputs(prepared.crops, self.config.variant, self.config.flip)
+        self._queue.put((inputs, on_device))
+        return prepared, skipped, inputs, on_device
 
     def run_shard(self, shard: Shard) -> ShardResult:
         cfg = self.config
@@ -148,17 +173,20 @@ class Worker:
                              np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=started)
         ids, kpts, crop_boxes, dumps = [], [], [], []
         for future in futures:
-            prepared, skipped = future.result()
+            prepared, skipped, inputs, on_device = future.result()
             result.skipped += skipped
             if prepared is None:
                 continue
-            with self._device:
-                t0 = time.perf_counter()
-                keypoints, inferred = keypoints_for_batch(self.backend, prepared, cfg.flip)
-                result.busy_seconds += time.perf_counter() - t0
+            outputs, seconds, held = on_device.result()
+            # merge and decode here, while the device thread runs the next batch
+            inferred = merge_outputs(cfg.variant, inputs, outputs, seconds)
+            keypoints = decode_keypoints(inferred.heatmaps, prepared.crop_boxes)
+            result.busy_seconds += held
             result.device_seconds += inferred.device_seconds
             result.crops += inferred.crops
             result.calls += inferred.calls
+            result.bytes_to_device += inferred.bytes_to_device
+            result.bytes_from_device += inferred.bytes_from_device
             ids.append(prepared.box_ids)
             kpts.append(keypoints)
             crop_boxes.append(prepared.crop_boxes)
@@ -175,7 +203,27 @@ class Worker:
 
     def close(self) -> None:
         self._prep.shutdown(wait=False)
+        self._queue.put(None)
+        self._device_thread.join()
         self.backend.close()
+
+
+def describe_placement(cfg) -> dict:
+    """Where a worker landed: the driver names the device from it and writes OUT/devices.json.
+
+    ``cfg``: a worker config (``WorkerConfig`` or the detector's) with label, kind,
+    device, backend and threads. ``visible_devices`` is the visibility variable Ray set
+    for this actor (ASCEND_RT_VISIBLE_DEVICES for an NPU slot, CUDA_VISIBLE_DEVICES for
+    a GPU): one id per actor when pinning works.
+    """
+    node_id, node_ip, accelerator_ids = _ray_placement()
+    host = socket.gethostname()
+    var = VISIBILITY_VARS.get(cfg.kind)
+    return {"device": cfg.label, "kind": cfg.kind, "compute_device": cfg.device, "backend": cfg.backend,
+            # Simulated nodes share a hostname; the node id prefix tells them apart.
+            "node": f"{host}/{node_id[:8]}" if node_id else host, "host": host, "node_ip": node_ip,
+            "node_id": node_id, "pid": os.getpid(), "accelerator_ids": accelerator_ids,
+            "visible_devices": os.environ.get(var) if var else None, "threads": cfg.threads}
 
 
 def _ray_placement() -> tuple[str, str, dict[str, list[str]]]:

@@ -17,8 +17,11 @@ LABELS = {
     "crops": "network inputs computed: 2 per box with flip test (padding excluded)",
     "device_seconds": "backend compute only (no preprocessing, decode or transfer between actors)",
     "device_fps": "crops per device second: what ais_bench calls throughput",
-    "busy_seconds": "time the actor held its device: inference, flip merge and decode",
+    "busy_seconds": "time the actor held its device: the backend calls (merge and decode run outside)",
     "wall_seconds": "actor's first shard start to last shard end",
+    "idle_seconds": "wall_seconds - busy_seconds: the device had nothing to run (the host did not keep up)",
+    "bytes_to_device_per_box": "input bytes handed to the backend per box, both flip passes (padding excluded)",
+    "bytes_from_device_per_box": "heatmap bytes the backend returned per box",
     "node": "host/Ray node id prefix: simulated nodes share a host",
     "compute_device": "what the backend computes on inside the actor (a CPU backend may hold an NPU slot)",
     "lost": "the actor died during the run; its unfinished shards ran on the others",
@@ -68,13 +71,20 @@ def throughput(results: list[ShardResult], devices: list[dict], first_dispatch: 
             "device_fps": crops / device_seconds if device_seconds > 0 else 0.0,
             "busy_seconds": sum(r.busy_seconds for r in mine),
             "wall_seconds": (max(r.finished for r in mine) - min(r.started for r in mine)) if mine else 0.0,
+            "bytes_to_device": int(sum(r.bytes_to_device for r in mine)),
+            "bytes_from_device": int(sum(r.bytes_from_device for r in mine)),
             "lost": bool(d.get("lost", False)),
         })
+        rows[-1]["idle_seconds"] = max(0.0, rows[-1]["wall_seconds"] - rows[-1]["busy_seconds"])
     wall = max(last_result - first_dispatch, 1e-9)
     boxes = sum(r["boxes"] for r in rows)
     crops = sum(r["crops"] for r in rows)
+    sent = sum(r["bytes_to_device"] for r in rows)
+    back = sum(r["bytes_from_device"] for r in rows)
     totals = {"boxes": boxes, "crops": crops, "sum_device_fps": sum(r["device_fps"] for r in rows),
-              "e2e_boxes_per_s": boxes / wall, "e2e_crops_per_s": crops / wall, "wall_seconds": wall}
+              "e2e_boxes_per_s": boxes / wall, "e2e_crops_per_s": crops / wall, "wall_seconds": wall,
+              "bytes_to_device_per_box": sent / boxes if boxes else 0.0,
+              "bytes_from_device_per_box": back / boxes if boxes else 0.0}
     return {"devices": rows, "totals": totals, "labels": LABELS}
 
 
@@ -92,6 +102,10 @@ def format_throughput(tp: dict) -> str:
     lines.append(f"sum of device fps (compute only): {t['sum_device_fps']:.1f} crops/s")
     lines.append(f"end to end over {t['wall_seconds']:.2f} s wall: {t['e2e_boxes_per_s']:.1f} boxes/s, "
                  f"{t['e2e_crops_per_s']:.1f} crops/s")
+    if t.get("bytes_to_device_per_box"):
+        idle = sum(r.get("idle_seconds", 0.0) for r in tp["devices"])
+        lines.append(f"per box {t['bytes_to_device_per_box'] / 1024:.0f} KiB to the device, "
+                     f"{t['bytes_from_device_per_box'] / 1024:.0f} KiB back; devices idle {idle:.2f} s in all")
     return "\n".join(lines)
 
 

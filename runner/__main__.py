@@ -42,18 +42,29 @@ def run_parser() -> argparse.ArgumentParser:
                       help="run without boxes whose image file is missing (mAP marked incomplete)")
     model = p.add_argument_group("model")
     model.add_argument("--weights", help="fast_res50_256x192.pth")
+    model.add_argument("--detector-weights", help="yolov3-spp.weights: write a --dets FILE that does not exist "
+                                                  "yet with the detector first, on the same devices")
+    model.add_argument("--detector-cfg", help="yolov3-spp.cfg (default: beside --detector-weights)")
     model.add_argument("--synthetic", type=int, metavar="N",
                        help="N synthetic boxes and a seeded random FastPose: throughput only")
     model.add_argument("--seed", type=int)
     model.add_argument("--models-dir", help="cache of exported models (default: models)")
     run = p.add_argument_group("run")
-    run.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "om"])
+    run.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino", "om", "sim"],
+                     help="sim: a simulated device of --sim-rate crops/s (throughput only)")
     run.add_argument("--devices", help="0,1 (NPU ids) | all | cuda:0,1 | cpu | cpu:N")
     run.add_argument("--bs", help="batch size, or a comma-separated list for a sweep")
     run.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="skip the flip test")
+    run.add_argument("--fused-flip", action="store_true", default=None,
+                     help="one device call runs each batch and its mirror and merges them (same keypoints)")
+    run.add_argument("--uint8-input", action="store_true", default=None,
+                     help="send uint8 crops; the model normalises them (4x fewer bytes, same keypoints)")
+    run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",
+                     help="speed of each --backend sim device, in network inputs per second (default 1000)")
     run.add_argument("--shard-size", type=int, help="boxes per shard (rounded up to whole batches)")
     run.add_argument("--threads", type=int, help="backend threads per worker (default: its share of cores)")
-    run.add_argument("--prep-threads", type=int, help="preprocessing threads per worker")
+    run.add_argument("--prep-threads", type=int,
+                     help="preprocessing threads per worker (default: sized to the host)")
     run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
     run.add_argument("--out", help="output directory (default: out)")
     run.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in OUT")
@@ -76,6 +87,22 @@ def main_run(argv: list[str]) -> int:
         run_sweep(cfg)
     else:
         run(cfg)
+    return 0
+
+
+def main_bench(argv: list[str]) -> int:
+    from runner.bench import bench, bench_parser
+
+    args, rest = bench_parser().parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        bench_parser().print_help()
+        return 0
+    run_args = vars(run_parser().parse_args(rest))
+    config_file = run_args.pop("config")
+    run_args["out"] = run_args["out"] or "bench-out"
+    if not any(run_args.get(k) for k in ("dataroot", "dets", "boxes", "synthetic")):
+        run_args["synthetic"] = 256
+    bench(load_config(config_file, run_args), args)
     return 0
 
 
@@ -107,7 +134,7 @@ def main_detect(argv: list[str]) -> int:
     return detect(argv)
 
 
-COMMANDS = {"doctor": main_doctor, "report": main_report, "detect": main_detect}
+COMMANDS = {"doctor": main_doctor, "report": main_report, "detect": main_detect, "bench": main_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

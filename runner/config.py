@@ -22,6 +22,8 @@ class RunConfig:
     ann: str | None
     skip_missing_images: bool
     weights: str | None
+    detector_weights: str | None
+    detector_cfg: str | None
     synthetic: int
     seed: int
     models_dir: str
@@ -29,6 +31,9 @@ class RunConfig:
     devices: str
     bs: tuple[int, ...]
     flip: bool
+    fused_flip: bool
+    uint8_input: bool
+    sim_rate: float
     shard_size: int
     threads: int
     prep_threads: int
@@ -77,6 +82,11 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
     for key in ("synthetic", "seed", "shard_size", "threads", "prep_threads"):
         if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
             raise ConfigError(f"{key}: {values[key]!r} is not a non-negative integer")
+    if not isinstance(values["sim_rate"], (int, float)) or isinstance(values["sim_rate"], bool) \
+            or values["sim_rate"] <= 0:
+        raise ConfigError(f"sim_rate: {values['sim_rate']!r} is not a positive number of crops per second")
+    if values["fused_flip"] and not values["flip"]:
+        raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
     if values["shard_size"] < 1:
         raise ConfigError("shard_size: must be at least 1")
     return RunConfig(**values)

@@ -8,7 +8,6 @@ Everything the run writes to OUT is written atomically.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,10 +32,10 @@ from runner.journal import Journal, atomic_write_text
 from runner.progress import Progress
 from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
 from tasks.evaluation import STAT_NAMES, evaluate_keypoints, pose_records, rescore_and_nms
+from tasks.deploy import Variant
 from tasks.export import ExportOptions, export_onnx
 from tasks.model import build_fastpose, check_checkpoint, file_sha256
 from tasks.pipeline import prepare_batch
-from tasks.transforms import crops_to_input
 
 IN_FLIGHT_PER_ACTOR = 2
 CHECKPOINT_HELP = ("fast_res50_256x192.pth (162,603,012 bytes, sha256 "
@@ -82,7 +81,15 @@ def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
             torch.save(build_fastpose(seed=cfg.seed).state_dict(), tmp)
             os.replace(tmp, weights)
         return load_boxes(str(root), str(root / "detections" / "dets.json")), str(weights), False
+    check_run_inputs(cfg)
+    if cfg.dets and not Path(cfg.dets).exists():
+        raise DataError(f"{cfg.dets}: detection file not found; give the right --dets, or --detector-weights "
+                        "yolov3-spp.weights to write it with the detector first")
+    return load_boxes(cfg.dataroot, cfg.dets, cfg.ann), cfg.weights, True
 
+
+def check_run_inputs(cfg: RunConfig) -> None:
+    """The inputs a real (not synthetic) run names are there and fit together; one line when not."""
     missing = []
     if not cfg.dataroot:
         missing.append("--dataroot (a COCO root)")
@@ -93,7 +100,8 @@ def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
     elif not Path(cfg.weights).is_file():
         missing.append(f"weights {cfg.weights}")
     if not cfg.dets and cfg.boxes != "gt":
-        missing.append("a box source (--dets FILE or --boxes gt)")
+        missing.append("a box source (--dets FILE, --boxes gt, or --dets FILE with --detector-weights "
+                       "yolov3-spp.weights to detect the boxes first)")
     if missing:
         raise RunError(f"missing {'; '.join(missing)}. Get {COCO_HELP} and {CHECKPOINT_HELP}; "
                        "or try the pipeline without them: python -m runner --synthetic 256")
@@ -101,7 +109,6 @@ def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
         raise RunError("give either --dets FILE or --boxes gt, not both")
     if cfg.boxes not in (None, "gt"):
         raise RunError(f"--boxes {cfg.boxes!r}: the only box source besides --dets is 'gt'")
-    return load_boxes(cfg.dataroot, cfg.dets, cfg.ann), cfg.weights, True
 
 
 def check_images(box_set: BoxSet, skip_missing: bool) -> None:
@@ -136,29 +143,45 @@ def choose_backend(name: str, devices: list[Device]) -> str:
 
 
 def check_crops(box_set: BoxSet, n: int = 4) -> np.ndarray:
-    """Real network inputs for verifying an export: the first few boxes' crops."""
+    """Real crops for verifying an export: the first few boxes'."""
     boxes = box_set.boxes[:n]
     images = {i: read_rgb(box_set.image_paths[i]) for i in {b.image_id for b in boxes}}
-    return crops_to_input(prepare_batch(boxes, images).crops)
+    return prepare_batch(boxes, images).crops
+
+
+def variant_of(cfg: RunConfig) -> Variant:
+    return Variant(fused_flip=cfg.fused_flip, uint8_input=cfg.uint8_input)
 
 
 def prepare_model(cfg: RunConfig, backend: str, weights: str, box_set: BoxSet, bs: int,
                   devices: list[Device]) -> str:
-    """The file the backend opens, converted and cached on first use."""
+    """The file the backend opens, converted and cached on first use ('' for sim: none)."""
+    variant = variant_of(cfg)
+    if backend == "sim":
+        return ""
     if backend == "torch":
         return str(Path(weights).resolve())
-    if backend == "onnxruntime":
-        return str(export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=None), check_crops(box_set)).resolve())
+    if backend in ("onnxruntime", "openvino"):
+        options = ExportOptions(batch_size=None, variant=variant)
+        return str(export_onnx(weights, cfg.models_dir, options, check_crops(box_set)).resolve())
     if backend == "om":
         from tasks.atc import convert_to_om
 
-        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=bs), check_crops(box_set))
-        socs = {d.soc for d in devices}
-        if len(socs) != 1 or None in socs:
-            raise RunError(f"cannot tell the NPU's soc_version for ATC from npu-smi ({socs}); "
-                           "all devices of a run must be one chip type")
-        return str(convert_to_om(onnx, cfg.models_dir, socs.pop(), batch_size=bs).resolve())
+        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=bs, variant=variant),
+                           check_crops(box_set))
+        # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
+        layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
+        return str(convert_to_om(onnx, cfg.models_dir, soc_version(devices), batch_size=bs, **layout).resolve())
     raise RunError(f"unknown backend {backend!r}")
+
+
+def soc_version(devices: list[Device]) -> str:
+    """The one chip type ATC builds an OM for."""
+    socs = {d.soc for d in devices}
+    if len(socs) != 1 or None in socs:
+        raise RunError(f"cannot tell the NPU's soc_version for ATC from npu-smi ({socs}); "
+                       "all devices of a run must be one chip type")
+    return socs.pop()
 
 
 def make_shards(box_set: BoxSet, bs: int, shard_size: int) -> list[Shard]:
@@ -176,7 +199,8 @@ def make_shards(box_set: BoxSet, bs: int, shard_size: int) -> list[Shard]:
 def fingerprint(cfg: RunConfig, box_set: BoxSet, weights: str, backend: str, bs: int) -> dict:
     source = box_set.source if box_set.source == "gt" else file_sha256(box_set.source)
     return {"boxes": len(box_set.boxes), "box_source_sha256": source, "weights_sha256": file_sha256(weights),
-            "backend": backend, "bs": bs, "shard_size": cfg.shard_size, "flip": cfg.flip}
+            "backend": backend, "bs": bs, "shard_size": cfg.shard_size, "flip": cfg.flip,
+            "fused_flip": cfg.fused_flip, "uint8_input": cfg.uint8_input}
 
 
 # ---------------------------------------------------------------- Ray
@@ -336,6 +360,20 @@ def placements(devices: list[Device], backend: str, threads: int, cpus_per_worke
     return out
 
 
+def prep_threads(configured: int, in_process: str, backend: str, cpus_per_worker: float) -> int:
+    """Preprocessing threads of one worker: ``configured``, or sized to its share of the host.
+
+    A backend computing on the CPU owns the worker's cores, so one thread is enough
+    to prepare the next batch meanwhile. A device (or a simulated one) leaves them to
+    preprocessing: one thread per core of the share, at most 8.
+    """
+    if configured:
+        return configured
+    if in_process == "cpu" and backend != "sim":
+        return 1
+    return max(1, min(8, int(cpus_per_worker)))
+
+
 def device_label(described: dict, devices: list[Device], existing: bool) -> str:
     """The name a placed worker's device gets in logs, throughput.json and the journal.
 
@@ -371,16 +409,32 @@ def start_workers(session: Session, cfg: RunConfig, backend: str, model_path: st
     The file is written as soon as the workers are up, so a user (or a test) can see
     which process on which node holds which device while the run goes on.
     """
+    def worker_config(p: Placement) -> WorkerConfig:
+        return WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
+                            prep_threads(cfg.prep_threads, p.in_process, backend, session.cpus_per_worker),
+                            cfg.flip, str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None,
+                            variant_of(cfg), cfg.sim_rate)
+
+    actors, described = launch_actors(session, Worker, worker_config, backend, cfg.threads)
+    write_json(out / "devices.json", described)
+    return actors, described
+
+
+def launch_actors(session: Session, actor_class: type, make_config, backend: str, threads: int,
+                  max_concurrency: int = IN_FLIGHT_PER_ACTOR) -> tuple[dict[str, object], list[dict]]:
+    """One named actor of ``actor_class`` per device, pinned by ``placements``, described and named.
+
+    ``make_config(placement)`` is the actor's one constructor argument; the class has a
+    ``describe()`` as ``cluster.actor.Worker``'s. Used by the pose workers and the
+    detector's (``runner.detect``). When one fails to start, all are killed (RunError).
+    """
     ray = session.ray
     run_tag = uuid.uuid4().hex[:8]  # actor names are cluster-wide; runs must not collide
     handles, names = [], []
-    for k, p in enumerate(placements(session.devices, backend, cfg.threads, session.cpus_per_worker)):
-        wc = WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
-                          cfg.prep_threads, cfg.flip,
-                          str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None)
+    for k, p in enumerate(placements(session.devices, backend, threads, session.cpus_per_worker)):
         names.append(f"runner-{run_tag}-{k}")
-        handles.append(ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0, **p.options)(Worker)
-                       .options(name=names[-1]).remote(wc))
+        handles.append(ray.remote(max_concurrency=max_concurrency, max_restarts=0, **p.options)(actor_class)
+                       .options(name=names[-1]).remote(make_config(p)))
     try:
         described = ray.get([h.describe.remote() for h in handles])
     except Exception as e:
@@ -390,7 +444,6 @@ def start_workers(session: Session, cfg: RunConfig, backend: str, model_path: st
     labels = name_devices(described, session.devices, session.existing)
     for d, label, name in zip(described, labels, names):
         d.update(device=label, actor=name)
-    write_json(out / "devices.json", described)
     return dict(zip(labels, handles)), described
 
 
@@ -410,10 +463,14 @@ def _first_line(error: BaseException) -> str:
         and head.rsplit(".", 1)[1].endswith(("Error", "Exception")) else line
 
 
-def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, log) -> list[str]:
+def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, log,
+             all_lost: str = "finished shards are kept: rerun the same command with --resume") -> list[str]:
     """Feed shards to actors until all are done; returns the labels of lost actors.
 
     Results are labelled here with the device of the actor that computed them.
+    Any actor with a ``run_shard(shard)`` whose result has a ``device`` field will do
+    (the pose ``Worker``, the detector's ``DetectWorker``); ``all_lost`` ends the
+    error when none is left.
     """
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -451,8 +508,7 @@ def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, lo
                 del alive[label]
                 lost.append(label)
             if not alive:
-                raise RunError(f"every device was lost ({'; '.join(causes)}); finished shards are kept: "
-                               "rerun the same command with --resume")
+                raise RunError(f"every device was lost ({'; '.join(causes)}); {all_lost}")
         else:
             result.device = label
             on_result(result)
@@ -622,11 +678,17 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
     """One run at one batch size; several batch sizes go to ``runner.sweep.run_sweep``."""
     if len(cfg.bs) != 1:
         raise RunError("several batch sizes: use the sweep (runner.sweep.run_sweep)")
+    from runner.detect import plan_detection, run_planned_detection
+
     log = (lambda *a, **k: None) if cfg.quiet else log
     out = prepare_out(cfg)
-    inputs = load_inputs(cfg)
+    plan = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
+    inputs = None if plan else load_inputs(cfg)
     with ray_session(cfg) as session:
         backend = choose_backend(cfg.backend, session.devices)
+        if plan:
+            run_planned_detection(plan, session, cfg, backend, log)
+            inputs = load_inputs(cfg)
         with worker_pool(session, cfg, backend) as pool:
             outcome = run_batch(cfg, session, pool, inputs, backend, cfg.bs[0], out, log)
     log(format_throughput(outcome.throughput))
@@ -696,11 +758,11 @@ def run_batch(cfg: RunConfig, session: Session, pool: WorkerPool, inputs: Inputs
     skipped = [{"box_index": s.box_index, "image_id": s.image_id, "reason": s.reason} for s in box_set.skipped]
     by_id = {b.id: b for b in box_set.boxes}
     skipped += [{"box_index": i, "image_id": by_id[i].image_id, "reason": reason} for i, reason in merged.skipped]
-    metrics = {"evaluated": evaluated}
-    if evaluated:
+    metrics = {"evaluated": evaluated and backend != "sim"}
+    if metrics["evaluated"]:
         metrics.update(evaluate_keypoints(box_set.ann_file, final))
     else:
-        metrics["accuracy"] = "n/a (no checkpoint)"
+        metrics["accuracy"] = "n/a (simulated device)" if backend == "sim" else "n/a (no checkpoint)"
     metrics.update({"boxes": len(box_set.boxes) + len(box_set.skipped), "results_before_nms": len(records),
                     "results": len(final), "skipped": len(skipped), "complete": not skipped,
                     "skipped_boxes": skipped, "ann_file": box_set.ann_file, "box_source": box_set.source})

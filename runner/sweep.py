@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from runner.config import RunConfig
+from runner.detect import plan_detection, run_planned_detection
 from runner.driver import (RunOutcome, RunError, choose_backend, format_metrics, load_inputs, prepare_out,
                            ray_session, run_batch, worker_pool)
 from runner.report import load_run, write_summary
@@ -32,10 +33,14 @@ def run_sweep(cfg: RunConfig, log=print) -> list[RunOutcome]:
     if cfg.overwrite and not cfg.resume:
         for name in SUMMARY_FILES:
             (out / name).unlink(missing_ok=True)
-    inputs = load_inputs(cfg)
+    plan = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
+    inputs = None if plan else load_inputs(cfg)
     outcomes = []
     with ray_session(cfg) as session:
         backend = choose_backend(cfg.backend, session.devices)
+        if plan:
+            run_planned_detection(plan, session, cfg, backend, log)
+            inputs = load_inputs(cfg)
         with worker_pool(session, cfg, backend) as pool:
             for bs in cfg.bs:
                 one = dataclasses.replace(cfg, bs=(bs,), out=str(run_dir(out, bs)))

@@ -3,6 +3,9 @@
     atc_command(onnx, output_stem, soc)            the argv, exactly the published recipe
     convert_to_om(onnx, models_dir, soc, bs)       the cached OM; runs `atc` when it is missing
 
+Both default to FastPose's input (``image``, 3x256x192); another network (the
+YOLOv3-SPP detector: ``input``, 3x608x608) passes ``input_name`` and ``input_chw``.
+
 Next to each OM a ``.json`` sidecar records how it was made; ``tasks.backends.om``
 reads the gears of a dynamic-batch OM from it.
 """
@@ -24,6 +27,8 @@ SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
 SUCCESS_LINE = "ATC run success, welcome to the next use."
 #: Gears of a dynamic-batch OM when none are given (spec §3.4's example).
 DEFAULT_GEARS = (1, 2, 4, 8, 16)
+#: FastPose's input without the batch: the default of atc_command and convert_to_om.
+FASTPOSE_CHW = (3, *FASTPOSE.input_hw)
 # 'E10007: ...', 'EZ3003: ...', 'EC0010: [PID: 1] ...': error codes start a line (spec §3.2).
 _ERROR_CODE = re.compile(r"^\s*(E[0-9A-Z]\d{4}):")
 _LOADER_ERROR = "error while loading shared libraries"
@@ -34,11 +39,16 @@ class AtcError(RuntimeError):
 
 
 def atc_command(onnx_path: str | Path, output_stem: str | Path, soc_version: str,
-                batch_size: int | None = None, gears: Sequence[int] | None = None) -> list[str]:
+                batch_size: int | None = None, gears: Sequence[int] | None = None, *,
+                input_name: str = INPUT_NAME, input_chw: Sequence[int] = FASTPOSE_CHW,
+                input_format: str = "NCHW") -> list[str]:
     """The `atc` argv that turns ``onnx_path`` into ``output_stem``.om (spec §3.1).
 
     ``batch_size`` makes a static OM; ``None`` a dynamic-batch one with ``gears``
     (default 1,2,4,8,16). ``output_stem`` has no ``.om``: ATC appends it.
+    ``input_name`` and ``input_chw`` name the graph's one input (default FastPose's);
+    ``input_format`` ND for an input that is not NCHW (the uint8 NHWC crops of
+    ``tasks.deploy``'s uint8 variant, normalised in the graph).
 
     Examples:
         >>> atc_command("m.onnx", "m_bs16", "Ascend310P3", 16)[4:6]
@@ -49,9 +59,11 @@ def atc_command(onnx_path: str | Path, output_stem: str | Path, soc_version: str
     if not soc_version:
         raise ValueError("soc_version is required (e.g. Ascend310P3; `npu-smi info` Name prefixed with Ascend)")
     batch = "-1" if batch_size is None else str(_positive(batch_size))
-    chw = ",".join(str(d) for d in (3, *FASTPOSE.input_hw))
-    argv = ["atc", "--framework=5", f"--model={onnx_path}", f"--output={output_stem}", "--input_format=NCHW",
-            f"--input_shape={INPUT_NAME}:{batch},{chw}"]
+    chw = ",".join(str(int(d)) for d in input_chw)
+    if input_format not in ("NCHW", "ND"):
+        raise ValueError(f"input_format {input_format!r}: ATC takes NCHW or ND for an ONNX model")
+    argv = ["atc", "--framework=5", f"--model={onnx_path}", f"--output={output_stem}", f"--input_format={input_format}",
+            f"--input_shape={input_name}:{batch},{chw}"]
     if batch_size is None:
         argv.append(f"--dynamic_batch_size={','.join(str(g) for g in _gears(gears))}")
     elif gears is not None:
@@ -76,7 +88,8 @@ def find_om(stem: Path) -> Path | None:
 
 
 def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
-                  gears: Sequence[int] | None = None, timeout: float = 3600) -> Path:
+                  gears: Sequence[int] | None = None, timeout: float = 3600, *, input_name: str = INPUT_NAME,
+                  input_chw: Sequence[int] = FASTPOSE_CHW, input_format: str = "NCHW") -> Path:
     """The OM of ``onnx_path`` for ``soc_version``; ATC runs only when it is not cached.
 
     Static with ``batch_size``, dynamic-batch with ``gears`` when ``batch_size`` is None.
@@ -90,8 +103,10 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
         raise AtcError(f"ONNX model {onnx_path} not found")
     sha = file_sha256(str(onnx_path))
     stem = om_stem(onnx_path, models_dir, soc_version, batch_size, gears, sha)
+    want = {"name": input_name, "shape": [batch_size or -1, *(int(d) for d in input_chw)]}
     cached = find_om(stem)
-    if cached is not None:
+    # The name keys ONNX, soc and batch; the sidecar also says which input ATC was told.
+    if cached is not None and _sidecar_input(cached) == want:
         return cached
     exe = shutil.which("atc")
     if exe is None:
@@ -100,7 +115,8 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
     stem.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=stem.parent, prefix=f".atc-{stem.name}-"))
     try:
-        argv = atc_command(onnx_path, work / stem.name, soc_version, batch_size, gears)
+        argv = atc_command(onnx_path, work / stem.name, soc_version, batch_size, gears,
+                           input_name=input_name, input_chw=input_chw, input_format=input_format)
         made = _run_atc([exe, *argv[1:]], work, stem.name, stem.parent / f"{stem.name}.atc.log", timeout)
         om = stem.parent / made.name
         os.replace(made, om)
@@ -108,7 +124,7 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
         os.chmod(om, 0o644)
         info = {"onnx": str(onnx_path), "onnx_sha256": sha, "soc_version": soc_version,
                 "batch_size": batch_size, "gears": None if batch_size is not None else list(_gears(gears)),
-                "input": {"name": INPUT_NAME, "shape": [batch_size or -1, 3, *FASTPOSE.input_hw]},
+                "input": want,
                 "atc": argv}
         _write_json(om.with_suffix(".json"), info)
         return om
@@ -144,6 +160,13 @@ def _run_atc(argv: list[str], work: Path, name: str, log: Path, timeout: float) 
     else:
         why = f"no E-code line; last line: {_last_line(proc.stdout)!r}"
     raise AtcError(f"atc failed (exit status {proc.returncode}) for {name}: {why}; full output: {log}")
+
+
+def _sidecar_input(om: Path) -> dict | None:
+    try:
+        return json.loads(om.with_suffix(".json").read_text()).get("input")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def glob_escape(name: str) -> str:

@@ -30,8 +30,22 @@ def flip_back(heatmaps_flipped: np.ndarray, spec: ModelSpec = FASTPOSE) -> np.nd
 
 
 def flip_merge(heatmaps: np.ndarray, heatmaps_flipped: np.ndarray, spec: ModelSpec = FASTPOSE) -> np.ndarray:
-    """The flip-test average, as float32 ops (spec §4.4)."""
-    return ((heatmaps + flip_back(heatmaps_flipped, spec)) / f32(2)).astype(f32, copy=False)
+    """The flip-test average, as float32 ops (spec §4.4): ``(H + flip_back(F)) / 2``.
+
+    Written per joint into one output instead of through flip_back's full-size
+    temporaries: the same float32 sums (tests), at 0.05 instead of 0.07 ms a box
+    of host time, which the actor spends while its device runs.
+    """
+    order = np.arange(heatmaps.shape[1])
+    for a, b in spec.flip_pairs:
+        order[a], order[b] = b, a
+    out = np.empty_like(heatmaps)
+    for j, k in enumerate(order):
+        # flip_back(F)[..., j, :, x] = F[..., k, :, W - x] for x >= 1, and F[..., k, :, W - 1] at x = 0
+        np.add(heatmaps[:, j, :, 1:], heatmaps_flipped[:, k, :, :0:-1], out=out[:, j, :, 1:])
+        np.add(heatmaps[:, j, :, 0], heatmaps_flipped[:, k, :, -1], out=out[:, j, :, 0])
+    out /= f32(2)
+    return out
 
 
 def heatmap_argmax(heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.deploy import Variant, deployed_module
 from tasks.model import FASTPOSE, build_fastpose, file_sha256
+from tasks.transforms import crops_to_input
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "heatmaps"
@@ -30,10 +32,11 @@ class ExportOptions:
     batch_size: int | None = None  # None: a dynamic batch dimension
     opset: int = 11  # what ATC's published recipe for this model uses
     simplify: bool = True
+    variant: Variant = Variant()  # fused flip and/or uint8 input in the graph (tasks.deploy)
 
     def tag(self) -> str:
         bs = "dyn" if self.batch_size is None else f"b{self.batch_size}"
-        return f"{bs}-op{self.opset}" + ("-sim" if self.simplify else "")
+        return f"{bs}-op{self.opset}" + ("-sim" if self.simplify else "") + self.variant.tag()
 
 
 def onnx_path_for(checkpoint: str, models_dir: str, options: ExportOptions, sha256: str | None = None) -> Path:
@@ -57,12 +60,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
-                check_input: np.ndarray) -> Path:
+                check_crops: np.ndarray) -> Path:
     """The cached ONNX for ``checkpoint``; exported, simplified and verified when missing.
 
-    ``check_input``: float32 ``[n, 3, 256, 192]``, real crops where there are any.
+    ``check_crops``: uint8 ``[n, 256, 192, 3]``, real crops where there are any.
     The model is refused (not cached) if ONNX Runtime's heatmaps differ from
-    PyTorch's by more than 1e-3 on it.
+    PyTorch's by more than 1e-3 on them.
     """
     import io
 
@@ -74,9 +77,11 @@ def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
     if out.exists() and out.with_suffix(".json").exists():
         return out
 
-    model = build_fastpose(checkpoint)
-    n = options.batch_size or len(check_input)
-    x = np.resize(check_input, (n, *check_input.shape[1:])).astype(np.float32)
+    variant = options.variant
+    model = deployed_module(build_fastpose(checkpoint), variant)
+    n = options.batch_size or len(check_crops)
+    crops = np.resize(check_crops, (n, *check_crops.shape[1:])).astype(np.uint8)
+    x = crops if variant.uint8_input else crops_to_input(crops)
     dynamic = None if options.batch_size else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     buf = io.BytesIO()
     with torch.inference_mode():
@@ -105,7 +110,8 @@ def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
         raise ExportError(f"exported ONNX differs from PyTorch by {diff:.2e} (> {MAX_ABS_DIFF}) on "
                           f"{n} crops; not cached. Check the onnx/onnxruntime versions")
     info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "options": asdict(options),
-            "input": {"name": INPUT_NAME, "shape": [options.batch_size or "N", 3, *FASTPOSE.input_hw]},
+            "input": {"name": INPUT_NAME, "dtype": np.dtype(variant.input_dtype()).name,
+                      "shape": variant.input_shape(options.batch_size or "N")},
             "output": {"name": OUTPUT_NAME, "shape": [options.batch_size or "N", FASTPOSE.num_joints,
                                                        *FASTPOSE.heatmap_hw]},
             "max_abs_diff_vs_torch": diff, "check_crops": n,

@@ -12,8 +12,9 @@ import numpy as np
 from tasks.backends.base import Backend
 from tasks.dataset import Box
 from tasks.decode import decode_keypoints, flip_merge
+from tasks.deploy import Variant
 from tasks.transforms import (box_xywh_to_center_scale, center_scale_to_crop_box, crop_rgb,
-                              crops_to_input, flip_input)
+                              crops_to_input, flip_crops, flip_input)
 
 
 def crop_for_box(image_rgb: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
@@ -36,22 +37,62 @@ def prepare_batch(boxes: list[Box], images: dict[int, np.ndarray]) -> PreparedBa
                          np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
+def network_inputs(crops: np.ndarray, variant: Variant, flip: bool = True) -> list[np.ndarray]:
+    """What the backend is handed, one array per call: host work, done before the device.
+
+    Float models get the normalised input (and its mirror for the flip test); a
+    uint8 model the crops as cut (and theirs); a fused-flip model one array, which
+    it mirrors itself.
+    """
+    if variant.fused_flip and not flip:
+        raise ValueError("a fused-flip model always runs the flip test; turn off fused_flip to run without it")
+    x = crops if variant.uint8_input else crops_to_input(crops)
+    if variant.fused_flip or not flip:
+        return [x]
+    # uint8 NHWC mirrors along axis 2, float NCHW along axis 3: the same pixels either way
+    return [x, flip_crops(crops) if variant.uint8_input else flip_input(x)]
+
+
 @dataclass
 class InferredBatch:
     heatmaps: np.ndarray  # float32 [n, 17, 64, 48], flip-merged
     device_seconds: float
     calls: int  # backend calls made
     crops: int  # network inputs computed (2 per box with flip test)
+    bytes_to_device: int  # what the backend was handed
+    bytes_from_device: int  # the heatmaps it returned
+
+
+def run_network(backend: Backend, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """The device part: one backend call per input array; their outputs and device seconds."""
+    outputs, seconds = [], 0.0
+    for x in inputs:
+        y, s = backend.run(x)
+        outputs.append(y)
+        seconds += s
+    return outputs, seconds
+
+
+def merge_outputs(variant: Variant, inputs: list[np.ndarray], outputs: list[np.ndarray],
+                  seconds: float) -> InferredBatch:
+    """Flip-merge two passes (spec §4); a fused model's one output is merged already."""
+    heatmaps = flip_merge(outputs[0], outputs[1]) if len(outputs) == 2 else outputs[0]
+    n = len(inputs[0])
+    crops = 2 * n if variant.fused_flip else n * len(inputs)
+    return InferredBatch(heatmaps, seconds, len(outputs), crops, sum(x.nbytes for x in inputs),
+                         sum(y.nbytes for y in outputs))
 
 
 def infer_flip_test(backend: Backend, crops: np.ndarray, flip: bool = True) -> InferredBatch:
-    """Run the network on the crops and, with ``flip``, on their mirror; merge (spec §4)."""
-    x = crops_to_input(crops)
-    heatmaps, seconds = backend.run(x)
-    if not flip:
-        return InferredBatch(heatmaps, seconds, 1, len(x))
-    flipped, seconds_flipped = backend.run(flip_input(x))
-    return InferredBatch(flip_merge(heatmaps, flipped), seconds + seconds_flipped, 2, 2 * len(x))
+    """Run the network on the crops and, with ``flip``, on their mirror; merge (spec §4).
+
+    The backend's variant decides the split of work: a fused-flip model mirrors and
+    merges inside its one call; a uint8-input model normalises the crops itself.
+    Either way the heatmaps are the same (tests).
+    """
+    inputs = network_inputs(crops, backend.variant, flip)
+    outputs, seconds = run_network(backend, inputs)
+    return merge_outputs(backend.variant, inputs, outputs, seconds)
 
 
 def keypoints_for_batch(backend: Backend, batch: PreparedBatch, flip: bool = True

@@ -99,18 +99,28 @@ _TABLES = _normalisation_tables(FASTPOSE)
 
 def crops_to_input(crops: np.ndarray) -> np.ndarray:
     """uint8 ``[n, 256, 192, 3]`` RGB crops -> float32 ``[n, 3, 256, 192]`` network input."""
-    chw = np.ascontiguousarray(crops.transpose(0, 3, 1, 2))
-    out = np.empty(chw.shape, dtype=f32)
-    for i in range(len(chw)):
-        table = _TABLES[0] if chw[i].max() > 1 else _TABLES[1]
-        for c in range(3):
-            out[i, c] = table[c][chw[i, c]]
+    n, h, w, _ = crops.shape
+    out = np.empty((n, 3, h, w), dtype=f32)
+    for i in range(n):
+        table = _TABLES[0] if crops[i].max() > 1 else _TABLES[1]
+        # a table lookup per plane, straight into the CHW output (0.12 ms a crop, vs
+        # 0.18 for numpy's take from the interleaved HWC crop)
+        for c, plane in enumerate(cv2.split(crops[i])):
+            cv2.LUT(plane, table[c], dst=out[i, c])
     return out
 
 
 def flip_input(x: np.ndarray) -> np.ndarray:
     """Mirror the network input along its width (spec §4.1; trap T19: not a re-crop)."""
     return np.ascontiguousarray(x[..., ::-1])
+
+
+def flip_crops(crops: np.ndarray) -> np.ndarray:
+    """Mirror uint8 ``[n, H, W, 3]`` crops along their width: the uint8-input model's flip pass."""
+    out = np.empty_like(crops)
+    for crop, mirrored in zip(crops, out):
+        cv2.flip(crop, 1, dst=mirrored)  # 15x faster than numpy's copy of a reversed view
+    return out
 
 
 def crop_area(crop_box: np.ndarray) -> float:

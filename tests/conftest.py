@@ -48,8 +48,8 @@ def dynamic_onnx(random_checkpoint, models_dir) -> str:
     """The random checkpoint exported with a dynamic batch (verified against PyTorch)."""
     from tasks.export import ExportOptions, export_onnx
 
-    x = np.random.default_rng(0).normal(0, 0.3, (2, 3, 256, 192)).astype(np.float32)
-    return str(export_onnx(random_checkpoint, models_dir, ExportOptions(batch_size=None), x))
+    crops = np.random.default_rng(0).integers(0, 256, (2, 256, 192, 3), dtype=np.uint8)
+    return str(export_onnx(random_checkpoint, models_dir, ExportOptions(batch_size=None), crops))
 
 
 @pytest.fixture

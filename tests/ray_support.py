@@ -1,4 +1,4 @@
-"""Helpers shared by the Ray tests (test_cluster.py, test_faults_ray.py).
+"""Helpers shared by the Ray tests (test_cluster.py, test_faults_ray.py, test_om_ray.py, test_detector_ray.py).
 
 The runs are small on purpose: 18 synthetic boxes, the torch backend, bs 2 and
 shards of one batch, so that 9 shards spread over the workers and a run lasts a
@@ -24,6 +24,7 @@ import numpy as np
 from conftest import REPO
 
 BS = 2
+FAKES = REPO / "tests" / "fakes"
 
 # Hand-written, NOT a real capture: two Atlas 300I Duo cards, four 310P3 chips (logical ids 0-3).
 FOUR_310P3 = """\
@@ -147,3 +148,25 @@ def check_throughput(out: Path, boxes: int) -> dict:
     assert sum(d["crops"] for d in tp["devices"]) == tp["totals"]["crops"]
     assert tp["totals"]["boxes"] + tp["totals"].get("resumed_boxes", 0) == boxes
     return tp
+
+
+def fake_npu_env(base: dict[str, str], logs: Path, api: str = "new", soc: str = "Ascend310P3") -> dict[str, str]:
+    """``base`` with the fake Ascend tools first on PATH and PYTHONPATH, logging to ``logs``/{acl,atc}.jsonl.
+
+    Ray's actor processes inherit this environment, so every actor sees the fakes.
+    """
+    return dict(base, PATH=f"{FAKES / 'bin'}{os.pathsep}{base['PATH']}",
+                PYTHONPATH=os.pathsep.join([str(FAKES), str(REPO)]), FAKE_AIS_BENCH_API=api,
+                FAKE_ASCEND_SOC=soc, FAKE_ACL_LOG=str(logs / "acl.jsonl"), FAKE_ATC_LOG=str(logs / "atc.jsonl"))
+
+
+def logged(path: Path) -> list:
+    """The JSON lines a fake wrote: one argv per atc run, one record per opened session."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_one_session_per_actor(sessions: list[dict], model_suffix: str) -> None:
+    """Each actor opened one session, on device 0 of its own visible NPU (spec ascend.md §4.3)."""
+    assert sorted(s["visible"] for s in sessions) == ["0", "1"]
+    assert {s["device_id"] for s in sessions} == {0} and len({s["pid"] for s in sessions}) == 2
+    assert all(s["model"].endswith(model_suffix) for s in sessions)

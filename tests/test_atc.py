@@ -47,6 +47,15 @@ def test_bad_batch_arguments_are_refused(kwargs, message):
         atc_command("m.onnx", "m", "Ascend310P3", **kwargs)
 
 
+def test_another_networks_input_name_and_shape():
+    # The YOLOv3-SPP detector: input 'input', one 608x608 RGB image (tasks.detector.runtime).
+    argv = atc_command("yolov3spp-b1.onnx", "yolov3spp-b1", "Ascend310P3", 1, input_name="input",
+                       input_chw=(3, 608, 608))
+    default = atc_command("yolov3spp-b1.onnx", "yolov3spp-b1", "Ascend310P3", 1)
+    assert argv[5] == "--input_shape=input:1,3,608,608" and default[5] == "--input_shape=image:1,3,256,192"
+    assert argv[:5] + argv[6:] == default[:5] + default[6:]  # nothing else changes
+
+
 def test_output_stem_without_om_suffix():
     with pytest.raises(ValueError, match="without .om"):
         atc_command("m.onnx", "m.om", "Ascend310P3", 1)

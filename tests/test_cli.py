@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import COCO_MINI, COCO_MINI_DETS, REPO, requires_shared
 from tasks.dataset import load_boxes, read_rgb

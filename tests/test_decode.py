@@ -20,6 +20,14 @@ def test_flip_back_is_mirror_swap_and_clean_shift():
         assert np.array_equal(g[:, j, :, 1:], f[..., :-1])  # trap T1: no smear over columns 33..47
 
 
+def test_flip_merge_is_the_float32_average_with_flip_back():
+    rng = np.random.default_rng(1)
+    h, hf = rng.standard_normal((2, 3, 17, 64, 48)).astype(np.float32)
+    merged = flip_merge(h, hf)
+    assert merged.dtype == np.float32
+    np.testing.assert_array_equal(merged, (h + flip_back(hf)) / np.float32(2))
+
+
 def test_flip_moves_a_peak_by_a_quarter_pixel():
     # A network sees a keypoint at heatmap x in the crop at 47.75 - x in the mirror;
     # flip back puts it at x + 0.25 (spec §4, trap T2).

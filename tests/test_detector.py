@@ -76,10 +76,11 @@ def _file_order(model: Darknet, params: dict) -> list[np.ndarray]:
 
 
 def seeded_weights(model: Darknet, path: Path, seed: int, calib: np.ndarray,
-                   version: tuple[int, int, int] = (0, 2, 0)) -> Path:
+                   version: tuple[int, int, int] = (0, 2, 0), obj_logit: float = -4.5) -> Path:
     """Seeded random weights in the real layout. The head convs are scaled on ``calib`` so
     that objectness and person logits spread across the 0.1 / best-class decisions:
-    a plain random net gives near-constant maps and thousands of tied boxes."""
+    a plain random net gives near-constant maps and thousands of tied boxes.
+    A lower ``obj_logit`` (the objectness logits' mean) gives fewer boxes."""
     rng = np.random.default_rng(seed)
     params = {}
     for i, (block, module) in enumerate(_convs(model)):
@@ -102,7 +103,7 @@ def seeded_weights(model: Darknet, path: Path, seed: int, calib: np.ndarray,
         n, attrs = r.shape[0], r.shape[0] // 3
         mean, std = rng.normal(0, .3, n), np.ones(n)
         std[2::attrs] = std[3::attrs] = .4                       # w, h
-        mean[4::attrs], std[4::attrs], mean[5::attrs] = -4.5, 1.5, 2.5  # obj, person
+        mean[4::attrs], std[4::attrs], mean[5::attrs] = obj_logit, 1.5, 2.5  # obj, person
         scale = std / (r.std(1) + 1e-12)
         params[i]["weight"] = (params[i]["weight"] * scale[:, None, None, None]).astype(np.float32)
         params[i]["bias"] = (mean - r.mean(1) * scale).astype(np.float32)
@@ -481,3 +482,45 @@ def test_detect_cli_writes_upstreams_file(tiny, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
     assert "no.weights: --weights not found" in missing.stderr
+
+
+@pytest.mark.parametrize("api", ["new", "old"])
+def test_tiny_om_through_fake_ais_bench_equals_onnxruntime(tiny, tmp_path, monkeypatch, api):
+    """The detector's OM path (static batch 1, ATC, ais_bench) against the fakes, in both API versions.
+
+    The fake session runs the ONNX behind the fake OM with ONNX Runtime, so the records
+    must equal ONNX Runtime's on that ONNX exactly: this checks the plumbing (input
+    bytes, three outputs by position, their shapes), not NPU numerics.
+    """
+    import os
+    import sys
+
+    from tasks.atc import convert_to_om
+    from tasks.backends.om import OmModelError
+    from tasks.detector.om_runtime import DetectorOm
+
+    fakes = Path(__file__).resolve().parent / "fakes"
+    monkeypatch.setenv("PATH", f"{fakes / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_AIS_BENCH_API", api)
+    monkeypatch.delenv("FAKE_ASCEND_SOC", raising=False)
+    monkeypatch.syspath_prepend(str(fakes))
+    for name in [m for m in sys.modules if m == "aclruntime" or m.split(".")[0] == "ais_bench"]:
+        monkeypatch.delitem(sys.modules, name)
+    onnx = export_darknet_onnx(tiny["model"], tmp_path / "tiny-b1.onnx", batch_size=1)
+    om = convert_to_om(onnx, tmp_path, "Ascend310P3", batch_size=1, input_name="input", input_chw=(3, 608, 608))
+    heads = tiny["cfg"].yolo_heads
+    session = DetectorOm(om, "npu:0", heads)
+    try:
+        got = _run(session, tiny["images"], heads)
+    finally:
+        session.close()
+    ref = _run(onnxruntime_net_fn(onnx, intra_op_threads=1), tiny["images"], heads)
+    assert len(ref) > 20 and got == ref
+    # An OM of another input size is refused in one line that says how to convert it.
+    other = convert_to_om(onnx, tmp_path, "Ascend310P3", batch_size=1, input_name="input", input_chw=(3, 416, 416))
+    with pytest.raises(OmModelError) as e:
+        DetectorOm(other, "npu:0", heads)
+    assert "\n" not in str(e.value) and "takes float32 [1, 3, 416, 416]" in str(e.value)
+    assert "input_chw=(3, 608, 608)" in str(e.value)
+    for name in [m for m in sys.modules if m == "aclruntime" or m.split(".")[0] == "ais_bench"]:
+        del sys.modules[name]  # the next test imports its own version

@@ -385,8 +385,8 @@ def test_om_of_another_batch_is_one_line(tmp_path, coco, random_checkpoint):
     from tasks.export import ExportOptions, export_onnx
 
     models = tmp_path / "models"
-    x = np.random.default_rng(0).normal(0, 0.3, (1, 3, 256, 192)).astype(np.float32)
-    onnx = export_onnx(random_checkpoint, str(models), ExportOptions(batch_size=4), x)
+    crops = np.random.default_rng(0).integers(0, 256, (1, 256, 192, 3), dtype=np.uint8)
+    onnx = export_onnx(random_checkpoint, str(models), ExportOptions(batch_size=4), crops)
     path = os.environ["PATH"]
     os.environ["PATH"] = f"{FAKES / 'bin'}{os.pathsep}{path}"
     try:

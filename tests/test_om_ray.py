@@ -8,54 +8,56 @@ with ONNX Runtime. Keypoints must equal the ONNX Runtime backend's exactly.
 Slow (~1 min on 2 cores): it exports the real FastPose twice (static and dynamic batch).
 """
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-FAKES = REPO / "tests" / "fakes"
+from ray_support import assert_one_session_per_actor, cli_env, fake_npu_env, logged, run_cli
 
 pytest.importorskip("ray")
-if not (REPO / "runner" / "driver.py").is_file():
-    pytest.skip("runner/driver.py is not there yet", allow_module_level=True)
 
-
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=540)
-    assert out.returncode == 0, f"{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
+RUNNER = [sys.executable, "-m", "runner"]
 
 
 def test_om_on_two_fake_npus_equals_onnxruntime_on_cpu(tmp_path):
     models = tmp_path / "models"
     # 18 boxes, bs 4: shards of one batch spread over both devices, and a short last batch (2 boxes).
     common = ["--synthetic", "18", "--bs", "4", "--shard-size", "4", "--models-dir", str(models), "--quiet"]
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND_", "FAKE_", "RAY_"))}
-    base["PYTHONPATH"] = str(REPO)
-    acl_log, atc_log = tmp_path / "acl.jsonl", tmp_path / "atc.jsonl"
-    npu_env = dict(base, PATH=f"{FAKES / 'bin'}{os.pathsep}{base['PATH']}",
-                   PYTHONPATH=os.pathsep.join([str(FAKES), str(REPO)]), FAKE_AIS_BENCH_API="new",
-                   FAKE_ASCEND_SOC="Ascend310P3", FAKE_ACL_LOG=str(acl_log), FAKE_ATC_LOG=str(atc_log))
+    base = cli_env()
+    npu_env = fake_npu_env(base, tmp_path, api="new")
 
-    run_cli([*common, "--devices", "0,1", "--backend", "om", "--out", str(tmp_path / "om")], npu_env, tmp_path)
-    run_cli([*common, "--devices", "cpu", "--backend", "onnxruntime", "--out", str(tmp_path / "ort")], base, tmp_path)
+    run_cli([*RUNNER, *common, "--devices", "0,1", "--backend", "om", "--out", str(tmp_path / "om")], npu_env, tmp_path)
+    run_cli([*RUNNER, *common, "--devices", "cpu", "--backend", "onnxruntime", "--out", str(tmp_path / "ort")], base, tmp_path)
 
     om = json.loads((tmp_path / "om" / "keypoints.json").read_text())
     ort = json.loads((tmp_path / "ort" / "keypoints.json").read_text())
     assert len(om) == 18 and om == ort
 
-    (argv,) = [json.loads(line) for line in atc_log.read_text().splitlines()]  # converted once
+    (argv,) = logged(tmp_path / "atc.jsonl")  # converted once
     assert "--input_shape=image:4,3,256,192" in argv and "--soc_version=Ascend310P3" in argv
-    sessions = [json.loads(line) for line in acl_log.read_text().splitlines()]
-    # One session per actor, each on device 0 of its own visible NPU (spec §4.3).
-    assert sorted(s["visible"] for s in sessions) == ["0", "1"]
-    assert {s["device_id"] for s in sessions} == {0} and len({s["pid"] for s in sessions}) == 2
-    assert all(s["model"].endswith("-Ascend310P3-b4.om") for s in sessions)
+    assert_one_session_per_actor(logged(tmp_path / "acl.jsonl"), "-Ascend310P3-b4.om")
     devices = json.loads((tmp_path / "om" / "throughput.json").read_text())["devices"]
     assert sorted(d["id"] for d in devices) == ["npu:0", "npu:1"]
     assert all(d["boxes"] > 0 and d["device_seconds"] > 0 for d in devices)
     assert sum(d["crops"] for d in devices) == 36  # padding rows are not counted
+
+
+def test_fused_flip_uint8_om_on_fake_npus_equals_plain_onnxruntime(tmp_path):
+    """The fast variant through ATC and ais_bench: NHWC uint8 input (ND), one call per batch."""
+    models = tmp_path / "models"
+    common = ["--synthetic", "10", "--bs", "4", "--shard-size", "4", "--models-dir", str(models), "--quiet"]
+    base = cli_env()
+    npu_env = fake_npu_env(base, tmp_path, api="old")
+
+    run_cli([*RUNNER, *common, "--devices", "0,1", "--backend", "om", "--fused-flip", "--uint8-input",
+             "--out", str(tmp_path / "om")], npu_env, tmp_path)
+    run_cli([*RUNNER, *common, "--devices", "cpu", "--backend", "onnxruntime", "--out", str(tmp_path / "ort")], base, tmp_path)
+
+    om = json.loads((tmp_path / "om" / "keypoints.json").read_text())
+    assert len(om) == 10 and om == json.loads((tmp_path / "ort" / "keypoints.json").read_text())
+    (argv,) = logged(tmp_path / "atc.jsonl")
+    assert "--input_shape=image:4,256,192,3" in argv and "--input_format=ND" in argv
+    totals = json.loads((tmp_path / "om" / "throughput.json").read_text())["totals"]
+    assert totals["bytes_to_device_per_box"] == 256 * 192 * 3  # uint8, the mirror made on the device
+    assert totals["bytes_from_device_per_box"] == 17 * 64 * 48 * 4  # merged heatmaps only
+    assert totals["crops"] == 20

@@ -18,7 +18,7 @@ import pytest
 from conftest import COCO_MINI, COCO_MINI_DETS, requires_shared
 from tasks.dataset import read_rgb
 from tasks.transforms import (affine_matrix, box_xywh_to_center_scale, center_scale_to_crop_box, crop_rgb,
-                              crops_to_input, flip_input)
+                              crops_to_input, flip_crops, flip_input)
 
 # det index -> (bbox, center, scale, crop box, (k, tx, ty))
 HAND = {
@@ -132,10 +132,24 @@ def test_normalisation_constants_and_padding():
     assert x[0, 2, 0, 0] == np.float32(np.float32(2) / np.float32(255) - np.float32(0.48))
 
 
+def test_random_crops_match_the_formula_in_every_pixel():
+    crops = np.random.default_rng(3).integers(0, 256, (3, 256, 192, 3), dtype=np.uint8)
+    x = crops_to_input(crops)
+    for ch, mean in enumerate((0.406, 0.457, 0.480)):
+        expect = (crops[..., ch].astype(np.float32) / np.float32(255)) - np.float32(mean)
+        np.testing.assert_array_equal(x[:, ch], expect)
+
+
 def test_dark_crop_is_not_divided_by_255():  # trap T9
     crop = np.ones((1, 256, 192, 3), np.uint8)
     x = crops_to_input(crop)
     assert x[0, 0, 0, 0] == np.float32(1) - np.float32(0.406)
+
+
+def test_flip_crops_mirrors_width_like_flip_input():
+    crops = np.random.default_rng(4).integers(0, 256, (2, 256, 192, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(flip_crops(crops), crops[:, :, ::-1])
+    np.testing.assert_array_equal(crops_to_input(flip_crops(crops)), flip_input(crops_to_input(crops)))
 
 
 def test_flip_input_mirrors_width():

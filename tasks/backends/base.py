@@ -11,16 +11,22 @@ from typing import Protocol
 
 import numpy as np
 
+from tasks.deploy import Variant
+
 
 class Backend(Protocol):
     #: The largest batch one ``run`` call accepts. Static models (OM) also pad to it.
     batch_size: int
+    #: What the model computes: with ``fused_flip`` one call returns flip-merged
+    #: heatmaps; with ``uint8_input`` it takes the uint8 crops (tasks.deploy).
+    variant: Variant
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """``x``: float32 ``[n, 3, 256, 192]`` with ``n <= batch_size``.
+        """``x``: float32 ``[n, 3, 256, 192]`` (uint8 ``[n, 256, 192, 3]`` with
+        ``variant.uint8_input``) with ``n <= batch_size``.
 
-        Returns float32 heatmaps ``[n, 17, 64, 48]`` (padding rows already dropped)
-        and the device seconds spent on them.
+        Returns float32 heatmaps ``[n, 17, 64, 48]`` (padding rows already dropped;
+        flip-merged with ``variant.fused_flip``) and the device seconds spent on them.
         """
         ...
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
+from tasks.deploy import Variant
 from tasks.model import FASTPOSE
 
 SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
 OM_MAX_BYTES = 10 * 1024 ** 3
-INPUT_CHW = (3, *FASTPOSE.input_hw)
 OUTPUT_CHW = (FASTPOSE.num_joints, *FASTPOSE.heatmap_hw)
 # ais_bench refuses model paths with other characters (path_security_check.py).
 _PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
@@ -73,8 +73,8 @@ def npu_index(device: str) -> int:
 
 
 class OmBackend:
-    def __init__(self, model_path: str, device: str, batch_size: int, threads: int, *,
-                 gears: Sequence[int] | None = None) -> None:
+    def __init__(self, model_path: str, device: str, batch_size: int, threads: int,
+                 variant: Variant = Variant(), *, gears: Sequence[int] | None = None) -> None:
         """``gears``: those of a dynamic-batch OM, when it has no sidecar ``.json``."""
         try:
             from ais_bench.infer.interface import InferSession
@@ -94,6 +94,9 @@ class OmBackend:
                 f"(its .json) against this chip") from e
         self.path = path
         self.batch_size = batch_size
+        self.variant = variant
+        self._dtype = np.dtype(variant.input_dtype())
+        self._item = tuple(variant.input_shape(0)[1:])
         try:
             self.gears = self._read_descriptors(gears)
         except OmModelError:
@@ -115,8 +118,9 @@ class OmBackend:
         (inp,), (out,) = inputs, outputs
         kind = str(inp.datatype).rpartition(".")[2]  # 'dtype.float32': match by name (spec §1.3)
         shape = list(inp.shape)
-        if kind != "float32" or len(shape) != 4 or tuple(shape[1:]) != INPUT_CHW:
-            raise OmModelError(f"OM {name} takes {kind} {shape}; expected float32 [B, {_dims(INPUT_CHW)}]")
+        if kind != self._dtype.name or len(shape) != 4 or tuple(shape[1:]) != self._item:
+            raise OmModelError(f"OM {name} takes {kind} {shape}; this run sends {self._dtype.name} "
+                               f"[B, {_dims(self._item)}] (--uint8-input decides which)")
         if tuple(out.shape[1:]) != OUTPUT_CHW:
             raise OmModelError(f"OM {name} returns {list(out.shape)}; expected [B, {_dims(OUTPUT_CHW)}]")
         if shape[0] != -1:
@@ -144,10 +148,10 @@ class OmBackend:
         n = len(x)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"OmBackend.run got {n} crops; it takes 1..{self.batch_size}: split before calling")
-        if tuple(x.shape[1:]) != INPUT_CHW:
-            raise ValueError(f"OmBackend.run got shape {list(x.shape)}; expected [n, {_dims(INPUT_CHW)}]")
+        if tuple(x.shape[1:]) != self._item:
+            raise ValueError(f"OmBackend.run got shape {list(x.shape)}; expected [n, {_dims(self._item)}]")
         rows = self.batch_size if self.gears is None else next(g for g in self.gears if g >= n)
-        feed = np.ascontiguousarray(x, dtype=np.float32)
+        feed = np.ascontiguousarray(x, dtype=self._dtype)
         if rows > n:
             feed = np.concatenate([feed, np.repeat(feed[-1:], rows - n, axis=0)])
         if self.gears is None:

@@ -6,10 +6,12 @@ import time
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
+from tasks.deploy import Variant
 
 
 class OnnxRuntimeBackend:
-    def __init__(self, model_path: str, device: str, batch_size: int, threads: int) -> None:
+    def __init__(self, model_path: str, device: str, batch_size: int, threads: int,
+                 variant: Variant = Variant()) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -29,8 +31,11 @@ class OnnxRuntimeBackend:
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(model_path, opts, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        check_input(model_path, inp.type, inp.shape, variant)
+        self.input_name = inp.name
         self.batch_size = batch_size
+        self.variant = variant
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -39,3 +44,12 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def check_input(model_path: str, onnx_type: str, shape: list, variant: Variant) -> None:
+    """Refuse an ONNX whose input is not what ``variant`` sends (a file of another variant)."""
+    want = "tensor(uint8)" if variant.uint8_input else "tensor(float)"
+    if onnx_type != want or [d for d in shape[1:]] != variant.input_shape("N")[1:]:
+        raise BackendUnavailable(f"{model_path} takes {onnx_type} {shape}, but the run sends "
+                                 f"{want} {variant.input_shape('N')}: export it with this variant "
+                                 "(tasks.export.ExportOptions.variant) or change --uint8-input")

@@ -17,17 +17,20 @@ from .yolo import Darknet, NetFn
 INPUT_NAME = "input"
 
 
-def export_darknet_onnx(model: Darknet, path: str | Path, inp: int = 608, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX (dynamic batch) and check the graph; returns ``path``.
+def export_darknet_onnx(model: Darknet, path: str | Path, inp: int = 608, opset: int = 17,
+                        batch_size: int | None = None) -> Path:
+    """Write ``model`` as ONNX and check the graph; returns ``path``.
 
-    The export options are stored in the model's metadata so the file describes itself.
+    ``batch_size=None``: a dynamic batch; an int fixes it (ATC wants a static shape,
+    and the detector runs one image at a time: batch 1). The export options are stored
+    in the model's metadata so the file describes itself.
     """
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     outputs = [f"yolo_raw_{k}" for k in range(len(model.cfg.yolo_heads))]
-    dummy = torch.zeros(1, 3, inp, inp)
+    dummy = torch.zeros(batch_size or 1, 3, inp, inp)
     with warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (dynamo=False); the zero pad's
         # index arithmetic is left unfolded, which onnxruntime runs as is.
@@ -36,10 +39,10 @@ def export_darknet_onnx(model: Darknet, path: str | Path, inp: int = 608, opset:
         warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
         torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
+                          dynamic_axes=None if batch_size else {name: {0: "batch"} for name in [INPUT_NAME, *outputs]})
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
-    for key, value in (("runner.input", f"float32[batch,3,{inp},{inp}] RGB /255 letterbox"),
+    for key, value in (("runner.input", f"float32[{batch_size or 'batch'},3,{inp},{inp}] RGB /255 letterbox"),
                        ("runner.outputs", "raw [yolo] inputs in cfg order"),
                        ("runner.opset", str(opset))):
         proto.metadata_props.add(key=key, value=value)
@@ -47,15 +50,26 @@ def export_darknet_onnx(model: Darknet, path: str | Path, inp: int = 608, opset:
     return path
 
 
-def onnxruntime_net_fn(onnx_path: str | Path, intra_op_threads: int = 2) -> NetFn:
-    """A CPU ONNX Runtime session over the exported detector, as a ``NetFn``."""
+def onnxruntime_net_fn(onnx_path: str | Path, intra_op_threads: int = 2, device: str = "cpu") -> NetFn:
+    """An ONNX Runtime session over the exported detector, as a ``NetFn``.
+
+    ``device``: ``cpu`` (the CPU provider) or ``cuda:N`` (the CUDA provider, with the CPU
+    as fallback), as the pose stage's ONNX Runtime backend opens them.
+    """
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError("the ONNX detector needs onnxruntime: pip install onnxruntime") from e
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    options.intra_op_num_threads = max(1, intra_op_threads)
+    providers: list = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ImportError("the ONNX detector on a GPU needs onnxruntime-gpu (pip install onnxruntime-gpu), "
+                              "or use --devices cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         return session.run(None, {INPUT_NAME: x})

@@ -125,14 +125,25 @@ def build_darknet(cfg: DarknetCfg | str | Path, weights_path: str | Path | None 
     return model.eval()
 
 
-def torch_net_fn(model: Darknet) -> NetFn:
-    """Run ``model`` on the CPU tensors torch makes from the input array."""
+def torch_net_fn(model: Darknet, device: str = "cpu") -> NetFn:
+    """Run ``model`` on the tensors torch makes from the input array.
 
-    def run(x: np.ndarray) -> tuple[torch.Tensor, ...]:
+    On another ``device`` (``cuda:0``) the model moves there and the maps come back to
+    the CPU, where the shared decode runs.
+    """
+    if device == "cpu":
+        def run(x: np.ndarray) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                return model(torch.from_numpy(x))
+
+        return run
+    model = model.to(device)
+
+    def run_on_device(x: np.ndarray) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            return model(torch.from_numpy(x))
+            return tuple(m.cpu() for m in model(torch.from_numpy(x).to(device)))
 
-    return run
+    return run_on_device
 
 
 def decode_yolo_head(raw: torch.Tensor, head: Yolo, inp: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from tasks.dataset import BoxSet, load_annotations, read_rgb
+from tasks.deploy import Variant
 from tasks.model import FASTPOSE
 from tasks.pipeline import prepare_batch
 from tasks.transforms import affine_matrix, box_xywh_to_center_scale, crops_to_input, flip_input
@@ -37,6 +38,7 @@ def _render(centres: np.ndarray, visible: np.ndarray, sigma: float) -> np.ndarra
 class GtHeatmapBackend:
     def __init__(self, box_set: BoxSet, batch_size: int, sigma: float = 2.0, min_iou: float = 0.3) -> None:
         self.batch_size = batch_size
+        self.variant = Variant()  # float input, one pass per call
         ann = load_annotations(box_set.ann_file)
         people: dict[int, list[dict]] = {}
         for a in ann["annotations"]:

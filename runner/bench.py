@@ -1,0 +1,155 @@
+"""``python -m runner bench``: how close the whole runner gets to the backend alone, and how it scales.
+
+1. **bare vs end to end**: the backend alone on crops already in memory (its
+   inputs prepared beforehand, only the backend calls timed) against a full run
+   of the runner on the same boxes, with the same backend, bs, threads and
+   variant. The ratio is what the framework costs: reading, cropping,
+   normalising, Ray, merging and decoding that the device does not hide.
+2. **scaling**: 1..N ``sim`` devices of ``--sim-rate`` network inputs per
+   second each, through the full runner, against the ideal of N times what one
+   sim device reaches alone without Ray. On a host with few cores this answers
+   "how many cores do N such cards need?".
+
+Every figure is printed; the last line is one JSON object with all of them, also
+written to ``OUT/bench.json``. Each run keeps its own files under ``OUT``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runner.config import RunConfig
+from runner.driver import RunError, choose_backend, load_inputs, placements, prepare_model, run, variant_of
+from runner.journal import atomic_write_text
+from cluster.devices import parse_devices
+from tasks.backends import open_backend
+from tasks.pipeline import network_inputs, prepare_batch, run_network
+from tasks.dataset import read_rgb
+
+WARMUP_BATCHES = 2
+#: Distinct boxes whose inputs the bare loop holds in memory; it cycles through them
+#: for as many batches as the run has (float inputs of one box with flip: 1.2 MB).
+IN_MEMORY_BOXES = 512
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runner bench", add_help=False,
+        description="Backend alone vs the full runner on the same crops, and scaling over simulated devices. "
+                    "Takes the run flags too (--dataroot/--dets/--weights or --synthetic N, --backend, --bs, "
+                    "--threads, --fused-flip, --uint8-input, --sim-rate, --out).")
+    p.add_argument("--sim-devices", type=int, default=2, metavar="N",
+                   help="scale over 1..N sim devices (0: skip the scaling part)")
+    p.add_argument("--sim-seconds", type=float, default=6.0,
+                   help="about how long each scaling run lasts at the ideal rate")
+    p.add_argument("--skip-bare", action="store_true", help="only the scaling part")
+    return p
+
+
+def bare_throughput(cfg: RunConfig, repeat: int = 1) -> dict:
+    """The backend alone on the run's crops, prepared in memory first; crops (network inputs) per second.
+
+    The backend is opened as a ``--devices cpu`` worker would open it: same
+    threads, bs and variant. Only ``run_network`` (the backend calls) is timed.
+    """
+    inputs_ = load_inputs(cfg)
+    box_set = inputs_.box_set
+    devices = parse_devices(cfg.devices)
+    if len(devices) != 1:
+        raise RunError("the bare figure is for one device: --devices cpu (or one accelerator)")
+    backend_name = choose_backend(cfg.backend, devices)
+    bs = cfg.bs[0]
+    model_path = prepare_model(cfg, backend_name, inputs_.weights, box_set, bs, devices)
+    placement = placements(devices, backend_name, cfg.threads, float(os.cpu_count() or 1))[0]
+    backend = open_backend(backend_name, model_path, placement.in_process, bs, placement.threads,
+                           variant_of(cfg), cfg.sim_rate)
+    boxes = box_set.boxes
+    held = boxes[:max(bs, IN_MEMORY_BOXES // bs * bs)]
+    images = {b.image_id: read_rgb(box_set.image_paths[b.image_id]) for b in held}
+    distinct = [network_inputs(prepare_batch(held[i:i + bs], images).crops, backend.variant, cfg.flip)
+                for i in range(0, len(held), bs)]
+    sizes = [min(bs, len(boxes) - i) for i in range(0, len(boxes), bs)]  # the run's batches
+    batches = [[x[:n] for x in distinct[k % len(distinct)]] for k, n in enumerate(sizes)]
+    crops = sum(len(inputs[0]) * (2 if backend.variant.fused_flip else len(inputs)) for inputs in batches)
+    try:
+        for inputs in batches[:WARMUP_BATCHES]:
+            run_network(backend, inputs)
+        rates = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for inputs in batches:
+                run_network(backend, inputs)
+            rates.append(crops / (time.perf_counter() - t0))
+    finally:
+        backend.close()
+    return {"backend": backend_name, "bs": bs, "threads": placement.threads, "crops": crops,
+            "crops_per_s": float(np.median(rates)), "runs": rates}
+
+
+def e2e_throughput(cfg: RunConfig, out: Path) -> dict:
+    """A full run of the runner into ``out``; its end-to-end figures from throughput.json."""
+    outcome = run(dataclasses.replace(cfg, out=str(out), overwrite=True, resume=False, quiet=True))
+    t = outcome.throughput["totals"]
+    idle = sum(d["idle_seconds"] for d in outcome.throughput["devices"])
+    return {"crops": t["crops"], "crops_per_s": t["e2e_crops_per_s"], "boxes_per_s": t["e2e_boxes_per_s"],
+            "wall_seconds": t["wall_seconds"], "sum_device_fps": t["sum_device_fps"],
+            "bytes_to_device_per_box": t["bytes_to_device_per_box"],
+            "bytes_from_device_per_box": t["bytes_from_device_per_box"], "idle_seconds": idle,
+            "out": str(out)}
+
+
+def scaling(cfg: RunConfig, max_devices: int, seconds: float, out: Path, log) -> dict:
+    """1..N sim devices through the runner against N x one sim device alone without Ray."""
+    crops_per_box = 2 if cfg.flip else 1
+    boxes = math.ceil(seconds * max_devices * cfg.sim_rate / crops_per_box)
+    # Enough whole shards per device that the tail is short against the run.
+    sim = dataclasses.replace(cfg, backend="sim", synthetic=boxes, dataroot=None, dets=None, boxes=None,
+                              weights=None, devices="cpu")
+    alone = bare_throughput(sim)["crops_per_s"]
+    log(f"one sim device alone, no Ray: {alone:.1f} crops/s (rate {cfg.sim_rate:g})")
+    rows = []
+    for n in range(1, max_devices + 1):
+        got = e2e_throughput(dataclasses.replace(sim, devices=f"cpu:{n}"), out / f"sim-{n}")
+        ideal = n * alone
+        rows.append({"devices": n, "crops_per_s": got["crops_per_s"], "ideal_crops_per_s": ideal,
+                     "of_ideal": got["crops_per_s"] / ideal, "idle_seconds": got["idle_seconds"],
+                     "boxes": boxes})
+        log(f"{n} sim device(s): {got['crops_per_s']:.1f} crops/s end to end, ideal {ideal:.1f}: "
+            f"{got['crops_per_s'] / ideal:.3f} of ideal (devices idle {got['idle_seconds']:.2f} s in all)")
+    return {"sim_rate": cfg.sim_rate, "alone_crops_per_s": alone, "boxes": boxes, "runs": rows}
+
+
+def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(cfg.bs) != 1:
+        raise RunError("bench takes one --bs")
+    figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.flip,
+                     "fused_flip": cfg.fused_flip, "uint8_input": cfg.uint8_input}
+    if not args.skip_bare:
+        bare = bare_throughput(cfg)
+        log(f"bare: {bare['backend']} alone on {bare['crops']} crops in memory, bs {bare['bs']}, "
+            f"{bare['threads']} threads: {bare['crops_per_s']:.1f} crops/s")
+        e2e = e2e_throughput(cfg, out / "e2e")
+        ratio = e2e["crops_per_s"] / bare["crops_per_s"]
+        log(f"end to end: the runner on the same crops: {e2e['crops_per_s']:.1f} crops/s; "
+            f"end to end / bare = {ratio:.3f}")
+        log(f"bytes per box: {e2e['bytes_to_device_per_box']:.0f} to the device, "
+            f"{e2e['bytes_from_device_per_box']:.0f} back")
+        figures.update(backend=bare["backend"], threads=bare["threads"], bare_crops_per_s=bare["crops_per_s"],
+                       e2e_crops_per_s=e2e["crops_per_s"], e2e_over_bare=ratio,
+                       bytes_to_device_per_box=e2e["bytes_to_device_per_box"],
+                       bytes_from_device_per_box=e2e["bytes_from_device_per_box"],
+                       e2e_idle_seconds=e2e["idle_seconds"], crops=e2e["crops"])
+    if args.sim_devices > 0:
+        figures["scaling"] = scaling(cfg, args.sim_devices, args.sim_seconds, out, log)
+    atomic_write_text(out / "bench.json", json.dumps(figures, indent=1))
+    print(json.dumps(figures))
+    return figures
