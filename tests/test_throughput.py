@@ -152,6 +152,8 @@ def test_bench_prints_every_figure_in_its_last_line(tmp_path):
     assert figures == json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert figures["backend"] == "onnxruntime" and figures["threads"] == 1 and figures["crops"] == 32
     assert figures["e2e_over_bare"] == pytest.approx(figures["e2e_crops_per_s"] / figures["bare_crops_per_s"])
+    assert figures["bare_crops_per_s"] == pytest.approx(
+        (figures["bare_before_crops_per_s"] + figures["bare_after_crops_per_s"]) / 2)
     assert 0 < figures["e2e_over_bare"] < 1.5
     assert figures["bytes_to_device_per_box"] == 147456 and figures["bytes_from_device_per_box"] == 208896
     scaling = figures["scaling"]
