@@ -59,10 +59,7 @@ def deployed_module(model, variant: Variant, spec: ModelSpec = FASTPOSE):
             super().__init__()
             self.net = model
             self.register_buffer("mean", torch.tensor(spec.mean_rgb, dtype=torch.float32).view(1, 3, 1, 1))
-            order = list(range(spec.num_joints))
-            for a, b in spec.flip_pairs:
-                order[a], order[b] = b, a
-            self.register_buffer("order", torch.tensor(order, dtype=torch.int64))
+            self.register_buffer("order", torch.tensor(spec.flip_order(), dtype=torch.int64))
 
         def normalise(self, crops: torch.Tensor) -> torch.Tensor:
             x = crops.permute(0, 3, 1, 2).to(torch.float32)

@@ -27,6 +27,13 @@ class ModelSpec:
     flip_pairs: tuple[tuple[int, int], ...] = (
         (1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 
+    def flip_order(self) -> list[int]:
+        """Joint j of a mirrored crop's heatmaps is joint ``flip_order()[j]`` of the original."""
+        order = list(range(self.num_joints))
+        for a, b in self.flip_pairs:
+            order[a], order[b] = b, a
+        return order
+
 
 FASTPOSE = ModelSpec()
 
