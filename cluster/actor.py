@@ -26,7 +26,7 @@ from tasks.backends import open_backend
 from tasks.dataset import Box, ImageError, read_rgb
 from tasks.deploy import Variant
 from tasks.decode import decode_keypoints
-from tasks.pipeline import PreparedBatch, merge_outputs, network_inputs, prepare_batch, run_network
+from tasks.pipeline import PreparedBatch, merge_outputs, network_inputs, prepare_batch, run_network, warm_up
 
 
 #: The variable Ray sets to pin an actor to its accelerator, by slot kind (spec ascend.md §4.3).
@@ -99,6 +99,7 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.backend = self._open(config)
+        warm_up(self.backend, config.flip)  # before the first shard: setup, not throughput
         self._images = _ImageCache()
         self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
         # One thread owns the session (ais_bench sessions are not thread-safe) and runs
@@ -125,6 +126,8 @@ class Worker:
             else:
                 self.backend.batch_size = batch_size
                 self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
+            if (model_path, batch_size) != (cfg.model_path, cfg.batch_size):
+                warm_up(self.backend, cfg.flip)
 
     @staticmethod
     def _open(cfg: WorkerConfig):

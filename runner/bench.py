@@ -1,10 +1,13 @@
 """``python -m runner bench``: how close the whole runner gets to the backend alone, and how it scales.
 
 1. **bare vs end to end**: the backend alone on crops already in memory (its
-   inputs prepared beforehand, only the backend calls timed; measured before and
-   after, and averaged) against a full run of the runner on the same boxes, with the same backend, bs, threads and
+   inputs prepared beforehand, only the backend calls timed) against a full run
+   of the runner on the same boxes, with the same backend, bs, threads and
    variant. The ratio is what the framework costs: reading, cropping,
    normalising, Ray, merging and decoding that the device does not hide.
+   ``--rounds R`` interleaves them, bare first and last (bare, run, bare, ...,
+   run, bare), and divides the mean run by the mean bare, so the host's drift
+   over minutes falls on both sides alike.
 2. **scaling**: 1..N ``sim`` devices of ``--sim-rate`` network inputs per
    second each, through the full runner, against the ideal of N times what one
    sim device reaches alone without Ray. On a host with few cores this answers
@@ -32,10 +35,9 @@ from runner.driver import RunError, choose_backend, load_inputs, placements, pre
 from runner.journal import atomic_write_text
 from cluster.devices import parse_devices
 from tasks.backends import open_backend
-from tasks.pipeline import network_inputs, prepare_batch, run_network
+from tasks.pipeline import network_inputs, prepare_batch, run_network, warm_up
 from tasks.dataset import read_rgb
 
-WARMUP_BATCHES = 2
 #: Distinct boxes whose inputs the bare loop holds in memory; it cycles through them
 #: for as many batches as the run has (float inputs of one box with flip: 1.2 MB).
 IN_MEMORY_BOXES = 512
@@ -51,6 +53,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="scale over 1..N sim devices (0: skip the scaling part)")
     p.add_argument("--sim-seconds", type=float, default=6.0,
                    help="about how long each scaling run lasts at the ideal rate")
+    p.add_argument("--rounds", type=int, default=3, metavar="R",
+                   help="full runs, each between two bare measurements (default 3)")
     p.add_argument("--skip-bare", action="store_true", help="only the scaling part")
     return p
 
@@ -81,8 +85,7 @@ def bare_throughput(cfg: RunConfig, repeat: int = 1) -> dict:
     batches = [[x[:n] for x in distinct[k % len(distinct)]] for k, n in enumerate(sizes)]
     crops = sum(len(inputs[0]) * (2 if backend.variant.fused_flip else len(inputs)) for inputs in batches)
     try:
-        for inputs in batches[:WARMUP_BATCHES]:
-            run_network(backend, inputs)
+        warm_up(backend, cfg.flip)  # as every worker does before its first shard
         rates = []
         for _ in range(repeat):
             t0 = time.perf_counter()
@@ -144,26 +147,36 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
     figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.flip,
                      "fused_flip": cfg.fused_flip, "uint8_input": cfg.uint8_input}
     if not args.skip_bare:
-        # Bare before and after the full run, against their mean: a small VM's speed
-        # drifts by a few percent between 20-second windows (measured: 23.6-24.9
-        # crops/s for the same bare loop), which would otherwise land in the ratio.
-        before = bare_in_child(cfg)
-        log(f"bare: {before['backend']} alone on {before['crops']} crops in memory, bs {before['bs']}, "
-            f"{before['threads']} threads: {before['crops_per_s']:.1f} crops/s")
-        e2e = e2e_throughput(cfg, out / "e2e")
-        log(f"end to end: the runner on the same crops: {e2e['crops_per_s']:.1f} crops/s")
-        after = bare_in_child(cfg)
-        bare_rate = (before["crops_per_s"] + after["crops_per_s"]) / 2
-        ratio = e2e["crops_per_s"] / bare_rate
-        log(f"bare again: {after['crops_per_s']:.1f} crops/s; end to end / mean bare = {ratio:.3f}")
-        log(f"bytes per box: {e2e['bytes_to_device_per_box']:.0f} to the device, "
-            f"{e2e['bytes_from_device_per_box']:.0f} back")
-        figures.update(backend=before["backend"], threads=before["threads"], bare_crops_per_s=bare_rate,
-                       bare_before_crops_per_s=before["crops_per_s"], bare_after_crops_per_s=after["crops_per_s"],
-                       e2e_crops_per_s=e2e["crops_per_s"], e2e_over_bare=ratio,
-                       bytes_to_device_per_box=e2e["bytes_to_device_per_box"],
-                       bytes_from_device_per_box=e2e["bytes_from_device_per_box"],
-                       e2e_idle_seconds=e2e["idle_seconds"], crops=e2e["crops"])
+        if args.rounds < 1:
+            raise RunError(f"--rounds {args.rounds}: give at least 1 full run")
+        # A small VM's speed drifts by several percent over minutes (measured: 23.6 to
+        # 26.9 crops/s for the same bare loop), so one bare figure next to one run puts
+        # the drift into the ratio; interleaving spreads it over both sides.
+        bare = [bare_in_child(cfg)]
+        log(f"bare: {bare[0]['backend']} alone on {bare[0]['crops']} crops in memory, bs {bare[0]['bs']}, "
+            f"{bare[0]['threads']} threads: {bare[0]['crops_per_s']:.1f} crops/s")
+        e2e = []
+        for k in range(args.rounds):
+            e2e.append(e2e_throughput(cfg, out / f"e2e-{k + 1}"))
+            bare.append(bare_in_child(cfg))
+            around = (bare[k]["crops_per_s"] + bare[k + 1]["crops_per_s"]) / 2
+            log(f"round {k + 1}/{args.rounds}: end to end {e2e[k]['crops_per_s']:.1f} crops/s, then bare "
+                f"{bare[k + 1]['crops_per_s']:.1f}; against the bare figures around it "
+                f"{e2e[k]['crops_per_s'] / around:.3f}")
+        bare_rate = float(np.mean([b["crops_per_s"] for b in bare]))
+        e2e_rate = float(np.mean([e["crops_per_s"] for e in e2e]))
+        ratio = e2e_rate / bare_rate
+        log(f"mean end to end {e2e_rate:.1f} / mean bare {bare_rate:.1f} crops/s = {ratio:.3f}")
+        last = e2e[-1]
+        log(f"bytes per box: {last['bytes_to_device_per_box']:.0f} to the device, "
+            f"{last['bytes_from_device_per_box']:.0f} back")
+        figures.update(backend=bare[0]["backend"], threads=bare[0]["threads"], rounds=args.rounds,
+                       bare_crops_per_s=bare_rate, bare_runs_crops_per_s=[b["crops_per_s"] for b in bare],
+                       e2e_crops_per_s=e2e_rate, e2e_runs_crops_per_s=[e["crops_per_s"] for e in e2e],
+                       e2e_over_bare=ratio,
+                       bytes_to_device_per_box=last["bytes_to_device_per_box"],
+                       bytes_from_device_per_box=last["bytes_from_device_per_box"],
+                       e2e_idle_seconds=[e["idle_seconds"] for e in e2e], crops=last["crops"])
     if args.sim_devices > 0:
         figures["scaling"] = scaling(cfg, args.sim_devices, args.sim_seconds, out, log)
     atomic_write_text(out / "bench.json", json.dumps(figures, indent=1))

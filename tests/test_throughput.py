@@ -146,14 +146,16 @@ def test_cli_variants_same_keypoints_and_bytes_in_throughput(tmp_path, synthetic
 
 def test_bench_prints_every_figure_in_its_last_line(tmp_path):
     proc = runner("bench", "--synthetic", "16", "--backend", "onnxruntime", "--bs", "8", "--threads", "1",
-                  "--sim-devices", "2", "--sim-seconds", "0.5", "--sim-rate", "400", "--uint8-input",
+                  "--sim-devices", "2", "--sim-seconds", "0.5", "--sim-rate", "400", "--uint8-input", "--rounds", "2",
                   "--fused-flip", "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "bench"))
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures == json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert figures["backend"] == "onnxruntime" and figures["threads"] == 1 and figures["crops"] == 32
     assert figures["e2e_over_bare"] == pytest.approx(figures["e2e_crops_per_s"] / figures["bare_crops_per_s"])
-    assert figures["bare_crops_per_s"] == pytest.approx(
-        (figures["bare_before_crops_per_s"] + figures["bare_after_crops_per_s"]) / 2)
+    assert figures["rounds"] == 2 and len(figures["e2e_runs_crops_per_s"]) == 2
+    assert len(figures["bare_runs_crops_per_s"]) == 3  # bare, run, bare, run, bare
+    assert figures["bare_crops_per_s"] == pytest.approx(np.mean(figures["bare_runs_crops_per_s"]))
+    assert figures["e2e_crops_per_s"] == pytest.approx(np.mean(figures["e2e_runs_crops_per_s"]))
     assert 0 < figures["e2e_over_bare"] < 1.5
     assert figures["bytes_to_device_per_box"] == 147456 and figures["bytes_from_device_per_box"] == 208896
     scaling = figures["scaling"]
@@ -163,3 +165,30 @@ def test_bench_prints_every_figure_in_its_last_line(tmp_path):
     for row in scaling["runs"]:
         assert row["ideal_crops_per_s"] == pytest.approx(row["devices"] * scaling["alone_crops_per_s"])
         assert 0.3 < row["of_ideal"] <= 1.05
+
+
+class _Recorder:
+    """A backend that keeps what it was handed."""
+
+    def __init__(self, batch_size: int, variant: Variant) -> None:
+        self.batch_size, self.variant, self.seen = batch_size, variant, []
+
+    def run(self, x):
+        self.seen.append((x.shape, x.dtype, float(x.min()), float(x.max())))
+        return np.zeros((len(x), 17, 64, 48), np.float32), 0.0
+
+
+@pytest.mark.parametrize("variant, flip, calls, shape, dtype", [
+    (Variant(), True, 2, (5, 3, 256, 192), np.float32),
+    (Variant(), False, 1, (5, 3, 256, 192), np.float32),
+    (Variant(fused_flip=True, uint8_input=True), True, 1, (5, 256, 192, 3), np.uint8),
+])
+def test_warm_up_runs_full_batches_of_what_the_run_sends(variant, flip, calls, shape, dtype):
+    from tasks.pipeline import warm_up
+    from tasks.transforms import crops_to_input
+    backend = _Recorder(5, variant)
+    warm_up(backend, flip)
+    black = crops_to_input(np.zeros((1, 256, 192, 3), np.uint8)) if dtype == np.float32 else np.zeros(1)
+    assert [s[:2] for s in backend.seen] == [(shape, np.dtype(dtype))] * calls
+    # black crops, normalised as a real batch would be (mirrored, they are the same)
+    assert {s[2:] for s in backend.seen} == {(float(black.min()), float(black.max()))}
