@@ -59,6 +59,8 @@ def run_parser() -> argparse.ArgumentParser:
                      help="one device call runs each batch and its mirror and merges them (same keypoints)")
     run.add_argument("--uint8-input", action="store_true", default=None,
                      help="send uint8 crops; the model normalises them (4x fewer bytes, same keypoints)")
+    run.add_argument("--soc-version", metavar="SOC",
+                     help="ATC soc_version of the NPUs, e.g. Ascend310P3 (default: from npu-smi, or Ray on a cluster)")
     run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",
                      help="speed of each --backend sim device, in network inputs per second (default 1000)")
     run.add_argument("--shard-size", type=int, help="boxes per shard (rounded up to whole batches)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class RunConfig:
     fused_flip: bool
     uint8_input: bool
     sim_rate: float
+    soc_version: str | None
     shard_size: int
     threads: int
     prep_threads: int
@@ -85,6 +87,10 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
     if not isinstance(values["sim_rate"], (int, float)) or isinstance(values["sim_rate"], bool) \
             or values["sim_rate"] <= 0:
         raise ConfigError(f"sim_rate: {values['sim_rate']!r} is not a positive number of crops per second")
+    soc = values["soc_version"]
+    if soc is not None and not (isinstance(soc, str) and re.fullmatch(r"Ascend\w+", soc)):
+        raise ConfigError(f"soc_version: {soc!r} is not an ATC soc_version such as Ascend310P3 "
+                          "(npu-smi info shows the chip name; ATC's is Ascend plus it)")
     if values["fused_flip"] and not values["flip"]:
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
     if values["shard_size"] < 1:

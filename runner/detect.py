@@ -236,6 +236,8 @@ def detect_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per worker (default: its share of the cores; torch at least 2)")
     p.add_argument("--shard-size", type=int, default=0, help="images per shard (default: automatic, at most 8)")
+    p.add_argument("--soc-version", metavar="SOC",
+                   help="ATC soc_version of the NPUs, e.g. Ascend310P3 (default: from npu-smi, or Ray on a cluster)")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
     p.add_argument("--models-dir", default="models", help="cache of the exported ONNX / OM detector")
     p.add_argument("--quiet", action="store_true")
@@ -249,7 +251,8 @@ def main_detect(argv: list[str]) -> int:
     log = (lambda *a, **k: None) if args.quiet else print
     # The run's configuration as far as Ray and the workers read it.
     cfg = load_config(None, {"devices": args.devices, "address": args.address, "threads": args.threads,
-                             "backend": args.backend, "models_dir": args.models_dir, "quiet": args.quiet})
+                             "backend": args.backend, "models_dir": args.models_dir, "quiet": args.quiet,
+                             "soc_version": args.soc_version})
     inputs = check_detect_inputs(DetectJob(args.dataroot, args.ann, args.weights, args.cfg, args.out,
                                            args.shard_size))
     with ray_session(cfg) as session:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,10 +178,22 @@ def prepare_model(cfg: RunConfig, backend: str, weights: str, box_set: BoxSet, b
 def soc_version(devices: list[Device]) -> str:
     """The one chip type ATC builds an OM for."""
     socs = {d.soc for d in devices}
-    if len(socs) != 1 or None in socs:
-        raise RunError(f"cannot tell the NPU's soc_version for ATC from npu-smi ({socs}); "
-                       "all devices of a run must be one chip type")
+    if None in socs:
+        raise RunError("cannot tell the NPUs' soc_version for ATC (npu-smi, or Ray on a cluster, does not name "
+                       "the chip): pass --soc-version, e.g. --soc-version Ascend310P3")
+    if len(socs) != 1:
+        raise RunError(f"the devices of one run are of {len(socs)} chip types ({', '.join(sorted(socs))}); "
+                       "an OM is built for one: name devices of one type in --devices")
     return socs.pop()
+
+
+def with_soc(devices: list[Device], soc: str | None) -> list[Device]:
+    """The NPUs with ``--soc-version`` as their ATC soc_version, when given: it wins over
+    what discovery read, for boards whose npu-smi text does not name the chip (A3) and
+    clusters whose Ray does not."""
+    if soc is None:
+        return devices
+    return [replace(d, soc=soc) if d.kind == "npu" else d for d in devices]
 
 
 def make_shards(box_set: BoxSet, bs: int, shard_size: int) -> list[Shard]:
@@ -305,13 +317,13 @@ def ray_session(cfg: RunConfig) -> Iterator[Session]:
     owned = not ray.is_initialized()
     try:
         if owned and not cfg.address:
-            devices = parse_devices(cfg.devices)  # before Ray starts: a wrong --devices costs nothing
+            devices = with_soc(parse_devices(cfg.devices), cfg.soc_version)  # before Ray starts
             _start_local(ray, devices)
             yield Session(ray, devices, (os.cpu_count() or 1) / len(devices), existing=False)
         else:
             if owned:
                 _join(ray, cfg.address)
-            devices = cluster_devices(cfg.devices, ray.cluster_resources())
+            devices = with_soc(cluster_devices(cfg.devices, ray.cluster_resources()), cfg.soc_version)
             yield Session(ray, devices, _cluster_cpus_per_worker(ray, len(devices)), existing=True)
     finally:
         if owned and ray.is_initialized():
