@@ -59,7 +59,7 @@ def bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def bare_throughput(cfg: RunConfig, repeat: int = 1) -> dict:
+def bare_throughput(cfg: RunConfig) -> dict:
     """The backend alone on the run's crops, prepared in memory first; crops (network inputs) per second.
 
     The backend is opened as a ``--devices cpu`` worker would open it: same
@@ -86,16 +86,14 @@ def bare_throughput(cfg: RunConfig, repeat: int = 1) -> dict:
     crops = sum(len(inputs[0]) * (2 if backend.variant.fused_flip else len(inputs)) for inputs in batches)
     try:
         warm_up(backend, cfg.flip)  # as every worker does before its first shard
-        rates = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for inputs in batches:
-                run_network(backend, inputs)
-            rates.append(crops / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for inputs in batches:
+            run_network(backend, inputs)
+        seconds = time.perf_counter() - t0
     finally:
         backend.close()
     return {"backend": backend_name, "bs": bs, "threads": placement.threads, "crops": crops,
-            "crops_per_s": float(np.median(rates)), "runs": rates}
+            "crops_per_s": crops / seconds}
 
 
 def bare_in_child(cfg: RunConfig) -> dict:
