@@ -57,8 +57,9 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="skip the flip test")
     run.add_argument("--fused-flip", action="store_true", default=None,
                      help="one device call runs each batch and its mirror and merges them (same keypoints)")
-    run.add_argument("--uint8-input", action="store_true", default=None,
-                     help="send uint8 crops; the model normalises them (4x fewer bytes, same keypoints)")
+    run.add_argument("--uint8-input", action=argparse.BooleanOptionalAction, default=None,
+                     help="send uint8 crops; the model normalises them (4x fewer bytes, same keypoints). "
+                          "Default: on for onnxruntime and torch on cpu, off elsewhere")
     run.add_argument("--soc-version", metavar="SOC",
                      help="ATC soc_version of the NPUs, e.g. Ascend310P3 (default: from npu-smi, or Ray on a cluster)")
     run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",

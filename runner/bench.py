@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from runner.config import RunConfig
-from runner.driver import RunError, choose_backend, load_inputs, placements, prepare_model, run, variant_of
+from runner.driver import (RunError, choose_backend, load_inputs, placements, prepare_model, run,
+                           settle_uint8_input, variant_of)
 from runner.journal import atomic_write_text
 from cluster.devices import parse_devices
 from tasks.backends import open_backend
@@ -71,6 +72,7 @@ def bare_throughput(cfg: RunConfig) -> dict:
     if len(devices) != 1:
         raise RunError("the bare figure is for one device: --devices cpu (or one accelerator)")
     backend_name = choose_backend(cfg.backend, devices)
+    cfg = settle_uint8_input(cfg, backend_name, devices)
     bs = cfg.bs[0]
     model_path = prepare_model(cfg, backend_name, inputs_.weights, box_set, bs, devices)
     placement = placements(devices, backend_name, cfg.threads, float(os.cpu_count() or 1))[0]
@@ -93,7 +95,7 @@ def bare_throughput(cfg: RunConfig) -> dict:
     finally:
         backend.close()
     return {"backend": backend_name, "bs": bs, "threads": placement.threads, "crops": crops,
-            "crops_per_s": crops / seconds}
+            "crops_per_s": crops / seconds, "uint8_input": cfg.uint8_input}
 
 
 def bare_in_child(cfg: RunConfig) -> dict:
@@ -123,7 +125,8 @@ def scaling(cfg: RunConfig, max_devices: int, seconds: float, out: Path, log) ->
     # Enough whole shards per device that the tail is short against the run.
     sim = dataclasses.replace(cfg, backend="sim", synthetic=boxes, dataroot=None, dets=None, boxes=None,
                               weights=None, devices="cpu")
-    alone = bare_in_child(sim)["crops_per_s"]
+    alone_bare = bare_in_child(sim)
+    alone = alone_bare["crops_per_s"]
     log(f"one sim device alone, no Ray: {alone:.1f} crops/s (rate {cfg.sim_rate:g})")
     rows = []
     for n in range(1, max_devices + 1):
@@ -134,7 +137,8 @@ def scaling(cfg: RunConfig, max_devices: int, seconds: float, out: Path, log) ->
                      "boxes": boxes})
         log(f"{n} sim device(s): {got['crops_per_s']:.1f} crops/s end to end, ideal {ideal:.1f}: "
             f"{got['crops_per_s'] / ideal:.3f} of ideal (devices idle {got['idle_seconds']:.2f} s in all)")
-    return {"sim_rate": cfg.sim_rate, "alone_crops_per_s": alone, "boxes": boxes, "runs": rows}
+    return {"sim_rate": cfg.sim_rate, "uint8_input": alone_bare["uint8_input"], "alone_crops_per_s": alone,
+            "boxes": boxes, "runs": rows}
 
 
 def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
@@ -142,8 +146,7 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if len(cfg.bs) != 1:
         raise RunError("bench takes one --bs")
-    figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.flip,
-                     "fused_flip": cfg.fused_flip, "uint8_input": cfg.uint8_input}
+    figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.flip, "fused_flip": cfg.fused_flip}
     if not args.skip_bare:
         if args.rounds < 1:
             raise RunError(f"--rounds {args.rounds}: give at least 1 full run")
@@ -152,7 +155,8 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
         # the drift into the ratio; interleaving spreads it over both sides.
         bare = [bare_in_child(cfg)]
         log(f"bare: {bare[0]['backend']} alone on {bare[0]['crops']} crops in memory, bs {bare[0]['bs']}, "
-            f"{bare[0]['threads']} threads: {bare[0]['crops_per_s']:.1f} crops/s")
+            f"{bare[0]['threads']} threads, {'uint8' if bare[0]['uint8_input'] else 'float'} input: "
+            f"{bare[0]['crops_per_s']:.1f} crops/s")
         e2e = []
         for k in range(args.rounds):
             e2e.append(e2e_throughput(cfg, out / f"e2e-{k + 1}"))
@@ -168,7 +172,8 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
         last = e2e[-1]
         log(f"bytes per box: {last['bytes_to_device_per_box']:.0f} to the device, "
             f"{last['bytes_from_device_per_box']:.0f} back")
-        figures.update(backend=bare[0]["backend"], threads=bare[0]["threads"], rounds=args.rounds,
+        figures.update(backend=bare[0]["backend"], threads=bare[0]["threads"], uint8_input=bare[0]["uint8_input"],
+                       rounds=args.rounds,
                        bare_crops_per_s=bare_rate, bare_runs_crops_per_s=[b["crops_per_s"] for b in bare],
                        e2e_crops_per_s=e2e_rate, e2e_runs_crops_per_s=[e["crops_per_s"] for e in e2e],
                        e2e_over_bare=ratio,

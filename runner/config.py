@@ -33,7 +33,7 @@ class RunConfig:
     bs: tuple[int, ...]
     flip: bool
     fused_flip: bool
-    uint8_input: bool
+    uint8_input: bool | None  # None: auto, settled per run (runner.driver.settle_uint8_input)
     sim_rate: float
     soc_version: str | None
     shard_size: int
@@ -91,6 +91,10 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
     if soc is not None and not (isinstance(soc, str) and re.fullmatch(r"Ascend\w+", soc)):
         raise ConfigError(f"soc_version: {soc!r} is not an ATC soc_version such as Ascend310P3 "
                           "(npu-smi info shows the chip name; ATC's is Ascend plus it)")
+    u8 = values["uint8_input"]
+    if u8 not in (True, False, "auto"):
+        raise ConfigError(f"uint8_input: {u8!r} is not true, false or auto")
+    values["uint8_input"] = None if u8 == "auto" else u8
     if values["fused_flip"] and not values["flip"]:
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
     if values["shard_size"] < 1:

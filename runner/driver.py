@@ -149,7 +149,32 @@ def check_crops(box_set: BoxSet, n: int = 4) -> np.ndarray:
     return prepare_batch(boxes, images).crops
 
 
+#: Backends whose uint8-input model gives the float model's keypoints bit for bit on a CPU
+#: (tests/test_throughput.py). OpenVINO's differs in the 7th digit; on an NPU, ATC's default
+#: force_fp16 may normalise in fp16, and CUDA has not been measured.
+EXACT_UINT8_ON_CPU = ("onnxruntime", "torch")
+
+
+def settle_uint8_input(cfg: RunConfig, backend: str, devices: list[Device]) -> RunConfig:
+    """``uint8_input: auto`` made true or false for this run's backend and devices.
+
+    Auto is on where the host's own cores run the network and the in-graph
+    normalisation is the host's bit for bit: ONNX Runtime and PyTorch on CPU devices.
+    There the host's normalisation and float mirror take cores from the network
+    (every other thread costs ONNX Runtime about twice its CPU time on a busy host),
+    while inside the graph they cost it nothing measurable: the backend alone 1.001 of
+    the float model's speed, end to end +1.9% (2 cores, bs 16; docs/throughput.md).
+    """
+    if cfg.uint8_input is not None:
+        return cfg
+    on = backend in EXACT_UINT8_ON_CPU and all(d.kind == "cpu" for d in devices)
+    return replace(cfg, uint8_input=on)
+
+
 def variant_of(cfg: RunConfig) -> Variant:
+    """The model variant of a config whose ``uint8_input`` is settled (``settle_uint8_input``)."""
+    if cfg.uint8_input is None:
+        raise ValueError("uint8_input auto is settled per run: call settle_uint8_input first")
     return Variant(fused_flip=cfg.fused_flip, uint8_input=cfg.uint8_input)
 
 
@@ -698,6 +723,7 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
     inputs = None if plan else load_inputs(cfg)
     with ray_session(cfg) as session:
         backend = choose_backend(cfg.backend, session.devices)
+        cfg = settle_uint8_input(cfg, backend, session.devices)
         if plan:
             run_planned_detection(plan, session, cfg, backend, log)
             inputs = load_inputs(cfg)

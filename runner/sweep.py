@@ -15,7 +15,7 @@ from pathlib import Path
 from runner.config import RunConfig
 from runner.detect import plan_detection, run_planned_detection
 from runner.driver import (RunOutcome, RunError, choose_backend, format_metrics, load_inputs, prepare_out,
-                           ray_session, run_batch, worker_pool)
+                           ray_session, run_batch, settle_uint8_input, worker_pool)
 from runner.report import load_run, write_summary
 
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json", "throughput.png")
@@ -38,6 +38,7 @@ def run_sweep(cfg: RunConfig, log=print) -> list[RunOutcome]:
     outcomes = []
     with ray_session(cfg) as session:
         backend = choose_backend(cfg.backend, session.devices)
+        cfg = settle_uint8_input(cfg, backend, session.devices)
         if plan:
             run_planned_detection(plan, session, cfg, backend, log)
             inputs = load_inputs(cfg)

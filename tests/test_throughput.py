@@ -133,15 +133,48 @@ def test_cli_variants_same_keypoints_and_bytes_in_throughput(tmp_path, synthetic
     coco = synthetic_coco
     common = ["--dataroot", coco["dataroot"], "--dets", coco["dets"], "--weights", random_checkpoint,
               "--backend", "onnxruntime", "--bs", "4", "--models-dir", str(tmp_path / "models"), "--quiet"]
-    runner(*common, "--out", str(tmp_path / "plain"))
+    runner(*common, "--no-uint8-input", "--out", str(tmp_path / "plain"))
+    runner(*common, "--out", str(tmp_path / "default"))  # auto: uint8 input for onnxruntime on cpu
     runner(*common, "--fused-flip", "--uint8-input", "--out", str(tmp_path / "fast"))
-    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    plain, default, fast = tmp_path / "plain", tmp_path / "default", tmp_path / "fast"
     assert (fast / "keypoints.json").read_bytes() == (plain / "keypoints.json").read_bytes()
+    assert (default / "keypoints.json").read_bytes() == (plain / "keypoints.json").read_bytes()
     tp_plain = json.loads((plain / "throughput.json").read_text())["totals"]
+    tp_default = json.loads((default / "throughput.json").read_text())["totals"]
     tp_fast = json.loads((fast / "throughput.json").read_text())["totals"]
     assert tp_plain["bytes_to_device_per_box"] == 1179648 and tp_plain["bytes_from_device_per_box"] == 417792
+    assert tp_default["bytes_to_device_per_box"] == 294912 and tp_default["bytes_from_device_per_box"] == 417792
     assert tp_fast["bytes_to_device_per_box"] == 147456 and tp_fast["bytes_from_device_per_box"] == 208896
     assert tp_fast["crops"] == tp_plain["crops"] == 2 * tp_plain["boxes"]
+    settled = {name: json.loads((tmp_path / name / "run.json").read_text())["config"]["uint8_input"]
+               for name in ("plain", "default", "fast")}
+    assert settled == {"plain": False, "default": True, "fast": True}
+
+
+@pytest.mark.parametrize("backend, devices, asked, settled", [
+    ("onnxruntime", "cpu", None, True), ("torch", "cpu:2", None, True),  # bit for bit on a CPU (tests above)
+    ("openvino", "cpu", None, False),  # its in-graph normalisation differs in the 7th digit
+    ("om", "npu", None, False), ("onnxruntime", "cuda", None, False), ("sim", "cpu", None, False),
+    ("onnxruntime", "cpu", False, False), ("om", "npu", True, True),  # asked for: kept
+])
+def test_uint8_input_auto_is_on_where_it_is_exact_on_the_host(backend, devices, asked, settled):
+    from cluster.devices import Device
+    from runner.driver import settle_uint8_input, variant_of
+
+    kind, _, count = devices.partition(":")
+    cfg = load_config(None, {"uint8_input": asked})
+    assert cfg.uint8_input is asked  # the default YAML says auto
+    got = settle_uint8_input(cfg, backend, [Device(kind, i, kind) for i in range(int(count or 1))])
+    assert got.uint8_input is settled and variant_of(got).uint8_input is settled
+    with pytest.raises(ValueError, match="settle_uint8_input first"):
+        variant_of(load_config())  # the default, auto, unsettled
+
+
+def test_uint8_input_config_values():
+    assert load_config(None, {"uint8_input": "auto"}).uint8_input is None
+    assert load_config(None, {"uint8_input": True}).uint8_input is True
+    with pytest.raises(ConfigError, match="uint8_input: 'yes' is not true, false or auto"):
+        load_config(None, {"uint8_input": "yes"})
 
 
 def test_bench_prints_every_figure_in_its_last_line(tmp_path):
