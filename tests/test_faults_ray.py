@@ -122,11 +122,11 @@ def test_ctrl_c_then_resume_gives_identical_keypoints(tmp_path, data):
     assert proc.returncode == 130 and len(errors) == 1, stderr[-3000:]
     assert errors[0].startswith("error: interrupted: ") and errors[0].endswith(
         "; rerun the same command with --resume")
-    assert not (out / "keypoints.json").exists() and not list(out.glob(".keypoints.json*"))
+    assert not (out / "keypoints.json").exists() and not list(out.glob(".keypoints.json*")), stderr[-3000:]
     kept = shards_landed(out)
     assert kept >= 1
 
     proc = run_cli([*args, "--resume"], cli_env(), tmp_path)
-    assert f"({kept} done before)" in proc.stdout
+    assert f"({kept} done before)" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     tp = check_exactly_once(out, data)
     assert 0 < tp["totals"]["resumed_boxes"] < len(data["box_ids"])
