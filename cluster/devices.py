@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.npu_smi import CPU_HINT, NpuChip, NpuSmiUnavailable, check_output, parse_info, soc_version
 
@@ -197,3 +197,12 @@ def _soc(chips: list[NpuChip]) -> str | None:
 
 def _npu_name(name: str) -> str:
     return name if name.startswith("Ascend") else "Ascend" + name
+
+
+def with_soc(devices: list[Device], soc: str | None) -> list[Device]:
+    """The NPUs with ``--soc-version`` as their ATC soc_version, when given: it wins over
+    what discovery read, for boards whose npu-smi text does not name the chip (A3) and
+    clusters whose Ray does not."""
+    if soc is None:
+        return devices
+    return [replace(d, soc=soc) if d.kind == "npu" else d for d in devices]

@@ -10,6 +10,7 @@ from runner.config import ConfigError, load_config
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.devices import DeviceError
+    from cluster.errors import ClusterError
     from cluster.npu_smi import NpuSmiUnavailable
     from runner.driver import RunError
     from runner.journal import JournalMismatch
@@ -22,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tasks.export import ExportError
     from tasks.model import CheckpointError
 
-    return (ConfigError, ReportError, DeviceError, NpuSmiUnavailable, RunError, JournalMismatch,
+    return (ConfigError, ReportError, DeviceError, ClusterError, NpuSmiUnavailable, RunError, JournalMismatch,
             BackendUnavailable, DataError, ImageError, ExportError, CheckpointError, AtcError,
             CfgError, WeightsError, DetectorImageError)
 
@@ -68,6 +69,16 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="backend threads per worker (default: its share of cores)")
     run.add_argument("--prep-threads", type=int,
                      help="preprocessing threads per worker (default: sized to the host)")
+    run.add_argument("--device-timeout", type=float, metavar="S",
+                     help="a worker holding shards that returns nothing for S seconds is declared lost "
+                          "(default: 10x the median shard time, at least 300; 0: never)")
+    run.add_argument("--straggler-factor", type=float, metavar="K",
+                     help="when the queue is empty, a shard in flight for K median shard times also runs on an "
+                          "idle worker; the first result wins (default 3; 0: never)")
+    run.add_argument("--straggler-floor", type=float, metavar="S",
+                     help="... and for at least S seconds (default 10)")
+    run.add_argument("--evaluator", choices=["auto", "faster-coco-eval", "pycocotools"],
+                     help="COCOeval implementation (default auto: faster-coco-eval where installed)")
     run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
     run.add_argument("--out", help="output directory (default: out)")
     run.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in OUT")

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.devices import parse_devices
+from cluster.placement import placements
 from runner.config import RunConfig
-from runner.driver import (RunError, choose_backend, load_inputs, placements, prepare_model, run,
+from runner.driver import (RunError, choose_backend, load_inputs, prepare_model, run,
                            settle_uint8_input, variant_of)
 from runner.journal import atomic_write_text
-from cluster.devices import parse_devices
 from tasks.backends import open_backend
 from tasks.pipeline import network_inputs, prepare_batch, run_network, warm_up
 from tasks.dataset import read_rgb

@@ -11,6 +11,10 @@ import yaml
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+#: COCOeval implementations: auto is faster-coco-eval where installed, else pycocotools.
+EVALUATORS = ("auto", "faster-coco-eval", "pycocotools")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; one line naming the key and the fix."""
 
@@ -39,6 +43,10 @@ class RunConfig:
     shard_size: int
     threads: int
     prep_threads: int
+    device_timeout: float | None  # None: automatic (cluster.dispatch); 0: never
+    straggler_factor: float  # 0: no speculative copies
+    straggler_floor: float
+    evaluator: str
     address: str | None
     out: str
     resume: bool
@@ -87,6 +95,14 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
     if not isinstance(values["sim_rate"], (int, float)) or isinstance(values["sim_rate"], bool) \
             or values["sim_rate"] <= 0:
         raise ConfigError(f"sim_rate: {values['sim_rate']!r} is not a positive number of crops per second")
+    for key in ("device_timeout", "straggler_factor", "straggler_floor"):
+        value = values[key]
+        if value is None and key == "device_timeout":
+            continue  # automatic
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{key}: {value!r} is not a non-negative number")
+    if values["evaluator"] not in EVALUATORS:
+        raise ConfigError(f"evaluator: {values['evaluator']!r} is not one of {', '.join(EVALUATORS)}")
     soc = values["soc_version"]
     if soc is not None and not (isinstance(soc, str) and re.fullmatch(r"Ascend\w+", soc)):
         raise ConfigError(f"soc_version: {soc!r} is not an ATC soc_version such as Ascend310P3 "

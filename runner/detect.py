@@ -6,10 +6,10 @@ score. A run (``python -m runner``) whose ``--dets FILE`` does not exist yet and
 has ``--detector-weights`` writes FILE the same way first (``plan_detection``,
 ``run_planned_detection``), in the same Ray session, then goes on with the pose stage.
 
-Both use the driver's machinery unchanged: ``ray_session`` (a private Ray for
-``--devices``, or ``--address``), ``launch_actors`` (one pinned actor per device, the
-pose workers' resources and visibility variables) and ``dispatch`` (about two shards
-in flight per actor; a lost actor's shards go to the others). A shard is a run of
+Both use the pose stage's cluster/ machinery unchanged: ``cluster.session`` (a private
+Ray for ``--devices``, or ``--address``), ``cluster.pool`` (one pinned actor per device,
+the pose workers' resources and visibility variables) and ``cluster.dispatch`` (two
+shards in flight per actor; a lost or hung actor's shards go to the others). A shard is a run of
 consecutive images in ascending id order; each image is detected on its own (batch
 1), so the file is the same for any number of devices. PyTorch needs >= 2 threads to
 reproduce upstream's CPU sums (spec §10: 1 thread drifts by up to 4e-3 px), so a
@@ -20,14 +20,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner.config import RunConfig, load_config
-from runner.driver import (Interrupted, RunError, Session, check_run_inputs, choose_backend, dispatch,
-                           launch_actors, ray_session, soc_version)
+from cluster.dispatch import DispatchPolicy, dispatch
+from cluster.errors import AllDevicesLost, Stopped
+from cluster.pool import actor_pool
+from cluster.session import Session
+from runner.driver import (Interrupted, RunError, check_run_inputs, choose_backend, ctrl_c_stops, dispatch_policy,
+                           session_for, soc_version)
 from tasks.dataset import ANNOTATIONS, IMAGES, DataError
 
 #: A shard holds at most this many images; fewer when that keeps every worker busy.
@@ -99,10 +104,10 @@ class DetectOutcome:
 
 
 def detect_on_session(session: Session, inputs: DetectInputs, backend: str, models_dir: str, threads: int,
-                      log) -> DetectOutcome:
+                      log, policy: DispatchPolicy = DispatchPolicy()) -> DetectOutcome:
     """Detect every image on the session's devices and write the file atomically."""
-    from cluster.detect_actor import DetectWorker, DetectWorkerConfig, ImageShard
-    from tasks.detector import prepare_detector_model, write_detections
+    from cluster.detect_actor import DetectWorker, DetectWorkerConfig
+    from tasks.detector import prepare_detector_model
 
     job = inputs.job
     model_path = prepare_detector_model(backend, inputs.model, job.weights, inputs.cfg_path, models_dir,
@@ -115,7 +120,16 @@ def detect_on_session(session: Session, inputs: DetectInputs, backend: str, mode
                                   max(2, p.threads) if backend == "torch" else p.threads)
 
     # One shard at a time per actor: dispatch's second shard waits in the actor's queue.
-    actors, described = launch_actors(session, DetectWorker, worker_config, backend, threads, max_concurrency=1)
+    with actor_pool(session, DetectWorker, backend, threads, max_concurrency=1) as pool:
+        return _detect_with(pool, pool.start(worker_config), inputs, backend, log, policy)
+
+
+def _detect_with(pool, described: list[dict], inputs: DetectInputs, backend: str, log,
+                 policy: DispatchPolicy) -> DetectOutcome:
+    from cluster.detect_actor import ImageShard
+    from tasks.detector import write_detections
+
+    job, session, actors = inputs.job, pool.session, list(pool.actors)
     log("detector workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
     images = inputs.images
     per = job.shard_size or max(1, min(MAX_IMAGES_PER_SHARD, math.ceil(len(images) / (4 * len(actors)))))
@@ -140,17 +154,19 @@ def detect_on_session(session: Session, inputs: DetectInputs, backend: str, mode
         if done // step != before // step or done == len(images):
             log(f"  {done}/{len(images)} images, {boxes} boxes, {done / (time.time() - started):.2f} images/s")
 
+    def on_failed(shard, why: str) -> None:
+        raise RunError(f"detector: shard {shard.id} ({len(shard.images)} images from id {shard.images[0][1]}) "
+                       f"failed on every try ({why}); {ALL_LOST}")
+
+    stop = threading.Event()
     try:
-        lost = dispatch(session.ray, actors, shards, on_result, log, ALL_LOST)
-    except KeyboardInterrupt:
+        with ctrl_c_stops(stop):
+            lost = list(dispatch(pool, shards, on_result, log, policy, on_failed, stop).lost)
+    except AllDevicesLost as e:
+        raise RunError(f"{e}; {ALL_LOST}") from None
+    except (Stopped, KeyboardInterrupt):
         raise Interrupted(f"interrupted: {len(results)} of {n_shards} detector shards done; no detection "
                           "file was written: rerun the command") from None
-    finally:
-        for a in actors.values():
-            try:
-                session.ray.kill(a)
-            except Exception:
-                pass
     seconds = time.time() - started
     if sorted(results) != list(range(n_shards)):  # dispatch returns only when every shard is done
         raise RunError(f"detector: {n_shards - len(results)} of {n_shards} shards have no result; rerun the command")
@@ -214,7 +230,7 @@ def run_planned_detection(plan: DetectInputs, session: Session, cfg: RunConfig, 
     if backend not in BACKENDS:
         log(f"note: the detector has no {backend} backend; it runs on onnxruntime")
         backend = "onnxruntime"
-    return detect_on_session(session, plan, backend, cfg.models_dir, cfg.threads, log)
+    return detect_on_session(session, plan, backend, cfg.models_dir, cfg.threads, log, dispatch_policy(cfg))
 
 
 # ---------------------------------------------------------------- python -m runner detect
@@ -255,7 +271,7 @@ def main_detect(argv: list[str]) -> int:
                              "soc_version": args.soc_version})
     inputs = check_detect_inputs(DetectJob(args.dataroot, args.ann, args.weights, args.cfg, args.out,
                                            args.shard_size))
-    with ray_session(cfg) as session:
+    with session_for(cfg) as session:
         backend = choose_backend(args.backend, session.devices)
         detect_on_session(session, inputs, backend, cfg.models_dir, cfg.threads, log)
     return 0

@@ -14,9 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+# CANN's environment script in its two install layouts: ascend-toolkit/ (before CANN 8.5), cann/ (8.5 on).
+# Spelled here, not imported from tasks.backends.om: that pulls in torch, and doctor must run without it.
+SET_ENV_SCRIPTS = ("/usr/local/Ascend/ascend-toolkit/set_env.sh", "/usr/local/Ascend/cann/set_env.sh")
+SET_ENV = f"{SET_ENV_SCRIPTS[0]} (or {SET_ENV_SCRIPTS[1]} on CANN 8.5+)"
 ALL = ("torch", "onnxruntime", "om")  # the backends; a check needed by every one lists them all
-WHEELS = "install the ais_bench and aclruntime wheels (not on PyPI; docs/ascend.md)"
+# ais_bench's README links prebuilt wheels (cp37-cp312 since 2024-08) but says they are not the newest build.
+WHEELS = ("install the ais_bench and aclruntime wheels (not on PyPI: build them from source, or take the prebuilt "
+          "0.0.2 wheels ais_bench's README links, an older build; docs/ascend.md)")
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,17 @@ def _cann_env() -> Check:
     if home:
         return Check("CANN env", False, f"{var}={home} does not exist",
                      f"reinstall the CANN toolkit, then source {SET_ENV}")
-    if Path(SET_ENV).is_file():
-        return Check("CANN env", False, f"ASCEND_TOOLKIT_HOME is unset: {SET_ENV} exists but is not sourced "
-                                        "in this shell", f"source {SET_ENV}")
-    return Check("CANN env", False, f"ASCEND_TOOLKIT_HOME is unset and there is no {SET_ENV}",
+    script = installed_set_env()
+    if script:
+        return Check("CANN env", False, f"ASCEND_TOOLKIT_HOME is unset: {script} exists but is not sourced "
+                                        "in this shell", f"source {script}")
+    return Check("CANN env", False, f"ASCEND_TOOLKIT_HOME is unset and there is no {' nor '.join(SET_ENV_SCRIPTS)}",
                  f"install the CANN toolkit (Ascend-cann-toolkit_*.run --install) and driver, then source {SET_ENV}")
+
+
+def installed_set_env() -> str | None:
+    """The first of CANN's set_env.sh layouts present on this host (ascend-toolkit/, or cann/ from CANN 8.5)."""
+    return next((s for s in SET_ENV_SCRIPTS if Path(s).is_file()), None)
 
 
 def _cann_version(home: Path) -> str:
@@ -144,8 +155,21 @@ def _ais_bench() -> Check:
         from ais_bench.infer import interface
     except ImportError as e:
         return Check("ais_bench", False, _first_line(f"cannot import ais_bench.infer.interface: {e}"))
-    api = "summary()/free_resource()" if hasattr(interface.InferSession, "summary") else "sumary(), 2023 API"
-    return Check("ais_bench", True, f"{_version('ais_bench', interface)}, {api} ({Path(interface.__file__).parent})")
+    return Check("ais_bench", True, f"{_version('ais_bench', interface)}, {ais_bench_generation(interface.InferSession)} "
+                                    f"({Path(interface.__file__).parent})")
+
+
+def ais_bench_generation(session_class: type) -> str:
+    """Which ais_bench API this is, from its InferSession class (no device needed); the OM backend takes all.
+
+    The 2024 source renamed ``sumary`` to ``summary`` in the commit (3ffe8a42) that made
+    ``exec_time_list`` entries (start, end) pairs; before it they are durations.
+    """
+    if hasattr(session_class, "summary"):
+        return "2024+ API: summary(), exec_time_list of (start, end) pairs, free_resource()"
+    if hasattr(session_class, "free_resource"):
+        return "2023 API (ait's benchmark): sumary(), exec_time_list of durations, no free_resource in aclruntime"
+    return "2023 API (Ascend/tools mirror): sumary(), exec_time_list of durations, no free_resource()"
 
 
 def _onnxruntime() -> Check:

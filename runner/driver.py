@@ -1,10 +1,9 @@
-"""``run(cfg)``: boxes -> shards -> one Ray actor per device -> merge -> OKS-NMS -> COCOeval -> OUT.
+"""``run(cfg)``: boxes -> shards -> one worker per device -> merge -> OKS-NMS -> COCOeval -> OUT.
 
-The driver keeps a small queue of shards and about two in flight per actor, so
-faster devices take more. When an actor dies its shards go back to the queue.
-``--devices`` names this host's devices for a private Ray; on an existing cluster
-(``--address``, or a Ray the caller started) it counts the cluster's resources.
-Everything the run writes to OUT is written atomically.
+This module composes a run: it checks the inputs, converts the model, cuts the
+boxes into shards of whole batches, hands them to cluster/ (the Ray session, the
+workers and the shard queue) and writes what comes back. Everything the run writes
+to OUT is written atomically; finished shards are journalled for ``--resume``.
 """
 from __future__ import annotations
 
@@ -12,9 +11,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
-from cluster.devices import Device, DeviceError, parse_devices
+from cluster.devices import Device
+from cluster.dispatch import DispatchPolicy, DispatchReport, dispatch
+from cluster.errors import AllDevicesLost, Stopped
+from cluster.placement import Placement, compute_device, prep_threads
+from cluster.pool import ActorPool, actor_pool
 from cluster.reducer import format_throughput, merge_shards, throughput
+from cluster.session import Session, ray_session
 from runner.config import RunConfig
 from runner.journal import Journal, atomic_write_text
 from runner.progress import Progress
@@ -37,7 +42,6 @@ from tasks.export import ExportOptions, export_onnx
 from tasks.model import build_fastpose, check_checkpoint, file_sha256
 from tasks.pipeline import prepare_batch
 
-IN_FLIGHT_PER_ACTOR = 2
 CHECKPOINT_HELP = ("fast_res50_256x192.pth (162,603,012 bytes, sha256 "
                    "42808e905aa20133a89a6a2cba073265a2ce35fabe65edffd9f153ef5846b7b0) from AlphaPose's "
                    "model zoo (docs/MODEL_ZOO.md, 'Fast Pose' ResNet-50 256x192)")
@@ -212,19 +216,17 @@ def soc_version(devices: list[Device]) -> str:
     return socs.pop()
 
 
-def with_soc(devices: list[Device], soc: str | None) -> list[Device]:
-    """The NPUs with ``--soc-version`` as their ATC soc_version, when given: it wins over
-    what discovery read, for boards whose npu-smi text does not name the chip (A3) and
-    clusters whose Ray does not."""
-    if soc is None:
-        return devices
-    return [replace(d, soc=soc) if d.kind == "npu" else d for d in devices]
+def shard_boxes(boxes: int, bs: int, shard_size: int, workers: int) -> int:
+    """Boxes per shard: ``shard_size`` rounded up to whole batches, smaller when that gives
+    every worker at least two shards; always whole batches, so batch boundaries depend
+    on ``bs`` alone and every device count computes the same numbers."""
+    configured = max(1, math.ceil(shard_size / bs))
+    two_each = math.ceil(boxes / bs) // (2 * max(1, workers))
+    return bs * max(1, min(configured, two_each))
 
 
-def make_shards(box_set: BoxSet, bs: int, shard_size: int) -> list[Shard]:
-    """Shards of whole batches: batch boundaries depend on bs alone, so every device
-    count computes the same batches and the same numbers."""
-    per = bs * max(1, math.ceil(shard_size / bs))
+def make_shards(box_set: BoxSet, per: int) -> list[Shard]:
+    """Shards of ``per`` consecutive boxes (a multiple of the batch size)."""
     boxes = box_set.boxes
     shards = []
     for k, start in enumerate(range(0, len(boxes), per)):
@@ -233,324 +235,21 @@ def make_shards(box_set: BoxSet, bs: int, shard_size: int) -> list[Shard]:
     return shards
 
 
-def fingerprint(cfg: RunConfig, box_set: BoxSet, weights: str, backend: str, bs: int) -> dict:
+def fingerprint(cfg: RunConfig, box_set: BoxSet, weights: str, backend: str, bs: int, model_path: str,
+                devices: list[Device], per_shard: int) -> dict:
+    """What decides the journalled numbers: a resume with any of it changed is refused."""
+    import runner
+
     source = box_set.source if box_set.source == "gt" else file_sha256(box_set.source)
-    return {"boxes": len(box_set.boxes), "box_source_sha256": source, "weights_sha256": file_sha256(weights),
-            "backend": backend, "bs": bs, "shard_size": cfg.shard_size, "flip": cfg.flip,
-            "fused_flip": cfg.fused_flip, "uint8_input": cfg.uint8_input}
-
-
-# ---------------------------------------------------------------- Ray
-
-
-@dataclass
-class Session:
-    """A Ray cluster to run on and the devices ``--devices`` names in it."""
-
-    ray: object
-    devices: list[Device]
-    cpus_per_worker: float  # the CPU share of one worker: Ray's num_cpus for CPU workers
-    existing: bool  # a cluster someone else started: its devices are counted, not named
-
-
-def cluster_devices(spec: str, resources: dict[str, float]) -> list[Device]:
-    """Devices of an existing Ray cluster, counted from ``ray.cluster_resources()``.
-
-    Ids name devices of this host; which chip of which node an actor gets is decided
-    by Ray and each node's own visibility settings, so on a cluster only kinds and
-    counts can be asked for: ``all`` (one worker per NPU), ``cuda`` (one per GPU),
-    ``cpu`` or ``cpu:N``.
-    """
-    text = spec.strip()
-    if text == "cpu" or text.startswith("cpu:"):
-        return parse_devices(text)  # never runs discovery
-    if text not in ("all", "cuda"):
-        raise DeviceError(f"--devices {spec}: ids name this host's devices and cannot pick a Ray cluster's "
-                          "remote ones; use all (one worker per NPU in the cluster), cuda (one per GPU) or cpu:N")
-    kind, resource = ("npu", "NPU") if text == "all" else ("cuda", "GPU")
-    count = int(resources.get(resource, 0))
-    if count < 1:
-        have = ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k.isupper())
-        raise DeviceError(f"--devices {spec}: the Ray cluster has no {resource} resource ({have}); start its nodes "
-                          f"with ray start --resources='{{\"{resource}\": N}}', or where Ray detects them")
-    # Ray adds accelerator_type:<soc> per node when pyACL names the chip; ATC needs it.
-    types = {k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")}
-    socs = {t for t in types if t.startswith("Ascend")} if kind == "npu" else set()
-    soc = socs.pop() if len(socs) == 1 else None
-    return [Device(kind, i, soc or resource, soc) for i in range(count)]
-
-
-def _cluster_cpus_per_worker(ray, workers: int) -> float:
-    """An equal share of the cluster's CPUs that still fits on its largest node."""
-    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
-    return max(0.01, min(ray.cluster_resources().get("CPU", 1.0) / workers, largest))
-
-
-def _start_local(ray, devices: list[Device]) -> None:
-    """A private Ray on this host whose NPU/GPU slots are exactly the ``--devices`` named.
-
-    Ray maps an actor's slot through the visibility variable of the process that
-    started the node (spec ascend.md §4.4), so setting it to the chosen ids here makes
-    each {"NPU": 1} actor see one of them.
-    """
-    env, resources = {}, {}
-    kinds = {d.kind for d in devices}
-    if "npu" in kinds:
-        ids = [d.logical_id if d.logical_id is not None else d.id for d in devices]
-        env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(i) for i in sorted(ids))
-        resources["NPU"] = len(ids)
-    if "cuda" in kinds:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.id) for d in devices)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        # address="local": a new private Ray even when a `ray start` cluster runs on this host.
-        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=len(devices) if "cuda" in kinds else 0,
-                 resources=resources, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", configure_logging=True)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-#: This project's packages, shipped to a cluster's nodes: their workers then import the
-#: driver's code, whatever their working directory; nodes need only the same Python packages.
-CODE = [str(Path(__file__).resolve().parents[1] / name) for name in ("runner", "cluster", "tasks")]
-
-
-def _join(ray, address: str) -> None:
-    from ray.exceptions import RayError  # AuthenticationError: no or another token
-
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 runtime_env={"py_modules": CODE})
-    except (ConnectionError, RuntimeError, ValueError, RayError) as e:
-        raise RunError(f"--address {address}: cannot join a Ray cluster ({_first_line(e)}); start one with "
-                       "`ray start --head`, and with token authentication on, export RAY_AUTH_MODE=token and "
-                       "its token (README: Many devices and hosts)") from None
-
-
-@contextmanager
-def ray_session(cfg: RunConfig) -> Iterator[Session]:
-    """Start a private Ray for ``--devices`` on this host, or use an existing cluster.
-
-    An existing cluster is one given by ``--address`` or a Ray the caller (a test, a
-    sweep) already initialised; it is left running.
-    """
-    import ray
-
-    owned = not ray.is_initialized()
-    try:
-        if owned and not cfg.address:
-            devices = with_soc(parse_devices(cfg.devices), cfg.soc_version)  # before Ray starts
-            _start_local(ray, devices)
-            yield Session(ray, devices, (os.cpu_count() or 1) / len(devices), existing=False)
-        else:
-            if owned:
-                _join(ray, cfg.address)
-            devices = with_soc(cluster_devices(cfg.devices, ray.cluster_resources()), cfg.soc_version)
-            yield Session(ray, devices, _cluster_cpus_per_worker(ray, len(devices)), existing=True)
-    finally:
-        if owned and ray.is_initialized():
-            ray.shutdown()
-
-
-def compute_device(kind: str, backend: str) -> str:
-    """The device the backend opens inside an actor pinned to a ``kind`` slot.
-
-    Ray makes the pinned accelerator device 0 of the actor's process. Only the OM
-    backend runs on NPUs: torch and ONNX Runtime here have no NPU support, so on an
-    NPU slot they compute on the CPU. That is deliberate and used on purpose: it runs
-    Ray's real NPU scheduling and pinning (the slot, ASCEND_RT_VISIBLE_DEVICES) on
-    hosts without NPUs, which is how the tests check them. The run says so in a line.
-    """
-    if kind == "npu":
-        return "npu:0" if backend == "om" else "cpu"
-    return "cuda:0" if kind == "cuda" else "cpu"
-
-
-@dataclass
-class Placement:
-    device: Device
-    options: dict  # ray actor options
-    in_process: str  # the device the backend opens, as the actor's process sees it
-    label: str  # provisional: NPU and GPU workers are named once placed (device_label)
-    threads: int
-
-
-def placements(devices: list[Device], backend: str, threads: int, cpus_per_worker: float) -> list[Placement]:
-    out = []
-    for d in devices:
-        in_process = compute_device(d.kind, backend)
-        # Ray forces OMP_NUM_THREADS=1 and ONNX Runtime ignores it anyway: threads are
-        # set from the worker's share of cores whenever the backend computes on the CPU.
-        share = threads or (max(1, int(cpus_per_worker)) if in_process == "cpu" else 1)
-        if d.kind == "cpu":
-            # Fractional CPUs let N workers share a host.
-            options = {"num_cpus": cpus_per_worker}
-        elif d.kind == "cuda":
-            options = {"num_gpus": 1, "num_cpus": 0}
-        else:
-            # Ray sets ASCEND_RT_VISIBLE_DEVICES for an {"NPU": 1} actor: its device is 0 inside.
-            options = {"resources": {"NPU": 1}, "num_cpus": 0}
-        out.append(Placement(d, options, in_process, f"{d.kind}:{d.id}", share))
-    return out
-
-
-def prep_threads(configured: int, in_process: str, backend: str, cpus_per_worker: float) -> int:
-    """Preprocessing threads of one worker: ``configured``, or sized to its share of the host.
-
-    A backend computing on the CPU owns the worker's cores, so one thread is enough
-    to prepare the next batch meanwhile. A device (or a simulated one) leaves them to
-    preprocessing: one thread per core of the share, at most 8.
-    """
-    if configured:
-        return configured
-    if in_process == "cpu" and backend != "sim":
-        return 1
-    return max(1, min(8, int(cpus_per_worker)))
-
-
-def device_label(described: dict, devices: list[Device], existing: bool) -> str:
-    """The name a placed worker's device gets in logs, throughput.json and the journal.
-
-    Ray, not the driver, picks which of the slots an actor gets, so NPU and GPU
-    workers are named from the id Ray assigned them. On this host's private Ray that
-    id is the logical id the driver put in the visibility variable: named back as the
-    user wrote it in ``--devices``.
-    """
-    kind = described["kind"]
-    if kind == "cpu":
-        return described["device"]
-    ids = described["accelerator_ids"].get("NPU" if kind == "npu" else "GPU") or [described["visible_devices"]]
-    assigned = str(ids[0])
-    if not existing:
-        for d in devices:
-            own = d.logical_id if d.kind == "npu" and d.logical_id is not None else d.id
-            if str(own) == assigned:
-                return f"{kind}:{d.id}"
-    return f"{kind}:{assigned}"
-
-
-def name_devices(described: list[dict], devices: list[Device], existing: bool) -> list[str]:
-    """Unique labels: ids repeat across nodes of a cluster, so those get their node too."""
-    labels = [device_label(d, devices, existing) for d in described]
-    repeated = {x for x in labels if labels.count(x) > 1}
-    return [f"{x}@{d['node']}" if x in repeated else x for x, d in zip(labels, described)]
-
-
-def start_workers(session: Session, cfg: RunConfig, backend: str, model_path: str, bs: int,
-                  out: Path) -> tuple[dict[str, object], list[dict]]:
-    """One named actor per device, described and named; ``OUT/devices.json`` says who runs where.
-
-    The file is written as soon as the workers are up, so a user (or a test) can see
-    which process on which node holds which device while the run goes on.
-    """
-    def worker_config(p: Placement) -> WorkerConfig:
-        return WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
-                            prep_threads(cfg.prep_threads, p.in_process, backend, session.cpus_per_worker),
-                            cfg.flip, str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None,
-                            variant_of(cfg), cfg.sim_rate)
-
-    actors, described = launch_actors(session, Worker, worker_config, backend, cfg.threads)
-    write_json(out / "devices.json", described)
-    return actors, described
-
-
-def launch_actors(session: Session, actor_class: type, make_config, backend: str, threads: int,
-                  max_concurrency: int = IN_FLIGHT_PER_ACTOR) -> tuple[dict[str, object], list[dict]]:
-    """One named actor of ``actor_class`` per device, pinned by ``placements``, described and named.
-
-    ``make_config(placement)`` is the actor's one constructor argument; the class has a
-    ``describe()`` as ``cluster.actor.Worker``'s. Used by the pose workers and the
-    detector's (``runner.detect``). When one fails to start, all are killed (RunError).
-    """
-    ray = session.ray
-    run_tag = uuid.uuid4().hex[:8]  # actor names are cluster-wide; runs must not collide
-    handles, names = [], []
-    for k, p in enumerate(placements(session.devices, backend, threads, session.cpus_per_worker)):
-        names.append(f"runner-{run_tag}-{k}")
-        handles.append(ray.remote(max_concurrency=max_concurrency, max_restarts=0, **p.options)(actor_class)
-                       .options(name=names[-1]).remote(make_config(p)))
-    try:
-        described = ray.get([h.describe.remote() for h in handles])
-    except Exception as e:
-        for h in handles:
-            ray.kill(h)
-        raise RunError(f"a device worker failed to start: {_first_line(e)}") from None
-    labels = name_devices(described, session.devices, session.existing)
-    for d, label, name in zip(described, labels, names):
-        d.update(device=label, actor=name)
-    return dict(zip(labels, handles)), described
-
-
-def _first_line(error: BaseException) -> str:
-    from ray.exceptions import RayActorError, RayTaskError
-
-    # A task error carries the actor's own exception; its last line is the one the user needs.
-    text = str(error.cause if isinstance(error, RayTaskError) and error.cause else error)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return type(error).__name__
-    # A dead actor's last line runs on with troubleshooting advice: its first sentence says it.
-    line = lines[-1].split(". ")[0].rstrip(".") if isinstance(error, RayActorError) else lines[-1]
-    # A worker's own error arrives as 'package.module.SomeError: message': the message is the line.
-    head, sep, rest = line.partition(": ")
-    return rest if sep and "." in head and head.replace(".", "").replace("_", "").isalnum() \
-        and head.rsplit(".", 1)[1].endswith(("Error", "Exception")) else line
-
-
-def dispatch(ray, actors: dict[str, object], shards: deque[Shard], on_result, log,
-             all_lost: str = "finished shards are kept: rerun the same command with --resume") -> list[str]:
-    """Feed shards to actors until all are done; returns the labels of lost actors.
-
-    Results are labelled here with the device of the actor that computed them.
-    Any actor with a ``run_shard(shard)`` whose result has a ``device`` field will do
-    (the pose ``Worker``, the detector's ``DetectWorker``); ``all_lost`` ends the
-    error when none is left.
-    """
-    from ray.exceptions import RayActorError, RayTaskError
-
-    alive = dict(actors)
-    inflight: dict[object, tuple[Shard, str]] = {}
-    per_actor = {label: 0 for label in alive}
-    lost: list[str] = []
-    causes: list[str] = []
-
-    def fill() -> None:
-        for label in list(alive):
-            while shards and per_actor[label] < IN_FLIGHT_PER_ACTOR:
-                shard = shards.popleft()
-                inflight[alive[label].run_shard.remote(shard)] = (shard, label)
-                per_actor[label] += 1
-
-    fill()
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        ref = ready[0]
-        shard, label = inflight.pop(ref)
-        per_actor[label] -= 1
-        try:
-            result = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            shards.appendleft(shard)
-            if label in alive:
-                cause = _first_line(e)
-                causes.append(f"{label}: {cause}")
-                log(f"device {label} lost ({cause}); its shards go to the other devices")
-                try:  # a failing device or an unreachable actor must not take more shards
-                    ray.kill(alive[label], no_restart=True)
-                except Exception:
-                    pass
-                del alive[label]
-                lost.append(label)
-            if not alive:
-                raise RunError(f"every device was lost ({'; '.join(causes)}); {all_lost}")
-        else:
-            result.device = label
-            on_result(result)
-        fill()
-    return lost
+    model = Path(model_path) if model_path else None
+    own_file = model is not None and model.is_file() and model.resolve() != Path(weights).resolve()
+    return {"boxes": len(box_set.boxes), "box_source_sha256": source, "ann_sha256": file_sha256(box_set.ann_file),
+            "weights_sha256": file_sha256(weights), "backend": backend, "bs": bs, "shard_size": cfg.shard_size,
+            "shard_boxes": per_shard, "flip": cfg.flip, "fused_flip": cfg.fused_flip,
+            "uint8_input": cfg.uint8_input, "model_file": model.name if model else "",
+            "model_sha256": file_sha256(str(model)) if own_file else "",
+            "soc_version": soc_version(devices) if backend == "om" else None,
+            "device_kinds": sorted({d.kind for d in devices}), "runner_version": runner.__version__}
 
 
 # ---------------------------------------------------------------- OUT
@@ -651,57 +350,6 @@ def load_inputs(cfg: RunConfig) -> Inputs:
     return Inputs(box_set, weights, evaluated)
 
 
-class WorkerPool:
-    """The device workers of one command: started on first use, re-batched for each run of a sweep.
-
-    ``Worker.set_batch`` reopens a worker's session only when the model file changes
-    (a static OM per batch size); dynamic ONNX and torch sessions are kept. Lost
-    workers stay out for the rest of the command.
-    """
-
-    def __init__(self, session: Session, cfg: RunConfig, backend: str) -> None:
-        self.session, self.cfg, self.backend = session, cfg, backend
-        self.actors: dict[str, object] = {}
-        self.described: list[dict] = []
-        self.started = False
-
-    def ready(self, model_path: str, bs: int, out: Path, log) -> tuple[dict[str, object], list[dict]]:
-        if not self.started:
-            self.actors, self.described = start_workers(self.session, self.cfg, self.backend, model_path, bs, out)
-            self.started = True
-            log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in self.described))
-        else:
-            if not self.actors:
-                raise RunError("every device was lost in an earlier run of this command")
-            try:
-                self.session.ray.get([a.set_batch.remote(model_path, bs) for a in self.actors.values()])
-            except Exception as e:
-                raise RunError(f"a device worker could not switch to bs {bs}: {_first_line(e)}") from None
-            write_json(out / "devices.json", [d for d in self.described if d["device"] in self.actors])
-        return dict(self.actors), [dict(d) for d in self.described if d["device"] in self.actors]
-
-    def drop(self, labels: list[str]) -> None:
-        for label in labels:
-            self.actors.pop(label, None)
-
-    def close(self) -> None:
-        for a in self.actors.values():
-            try:
-                self.session.ray.kill(a)
-            except Exception:
-                pass
-        self.actors = {}
-
-
-@contextmanager
-def worker_pool(session: Session, cfg: RunConfig, backend: str) -> Iterator[WorkerPool]:
-    pool = WorkerPool(session, cfg, backend)
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
 #: The files of one finished run; a sweep's --resume keeps a batch size that has them all.
 RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
 
@@ -709,6 +357,16 @@ RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
 def load_outcome(out: Path) -> RunOutcome:
     tp = json.loads((out / "throughput.json").read_text())
     return RunOutcome(out, json.loads((out / "metrics.json").read_text()), tp, tp.get("lost_devices", []))
+
+
+def session_for(cfg: RunConfig):
+    """The Ray session of a command: a private Ray for ``--devices``, or ``--address``'s cluster."""
+    return ray_session(cfg.devices, cfg.address, cfg.soc_version)
+
+
+def dispatch_policy(cfg: RunConfig) -> DispatchPolicy:
+    return DispatchPolicy(straggler_factor=cfg.straggler_factor, straggler_floor_s=cfg.straggler_floor,
+                          device_timeout_s=cfg.device_timeout)
 
 
 def run(cfg: RunConfig, log=print) -> RunOutcome:
@@ -721,20 +379,67 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
     out = prepare_out(cfg)
     plan = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
     inputs = None if plan else load_inputs(cfg)
-    with ray_session(cfg) as session:
+    with session_for(cfg) as session:
         backend = choose_backend(cfg.backend, session.devices)
         cfg = settle_uint8_input(cfg, backend, session.devices)
         if plan:
             run_planned_detection(plan, session, cfg, backend, log)
             inputs = load_inputs(cfg)
-        with worker_pool(session, cfg, backend) as pool:
+        with actor_pool(session, Worker, backend, cfg.threads) as pool:
             outcome = run_batch(cfg, session, pool, inputs, backend, cfg.bs[0], out, log)
     log(format_throughput(outcome.throughput))
     log(format_metrics(outcome.metrics))
     return outcome
 
 
-def run_batch(cfg: RunConfig, session: Session, pool: WorkerPool, inputs: Inputs, backend: str, bs: int,
+def ready_workers(cfg: RunConfig, session: Session, pool: ActorPool, backend: str, model_path: str, bs: int,
+                  out: Path, log) -> list[dict]:
+    """The pose workers at batch size ``bs``: started on first use, switched in a sweep's later runs.
+
+    A worker that cannot switch (it died between two batch sizes) is dropped with one
+    line and the run goes on with the others. ``OUT/devices.json`` says who runs where.
+    """
+    dump_dir = str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None
+    if not pool.started:
+        def worker_config(p: Placement) -> WorkerConfig:
+            return WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
+                                prep_threads(cfg.prep_threads, p.in_process, backend, session.cpus_per_worker),
+                                cfg.flip, dump_dir, variant_of(cfg), cfg.sim_rate)
+
+        described = pool.start(worker_config)
+        log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
+    else:
+        for label, why in pool.call_all("set_batch", model_path, bs, dump_dir).items():
+            log(f"device {label} lost (it could not switch to bs {bs}: {why}); the others go on")
+        if not pool.actors:
+            raise RunError(f"every device was lost ({'; '.join(f'{k}: {v}' for k, v in pool.lost.items())}); "
+                           "rerun the same command with --resume to continue from the batch sizes done")
+    described = pool.current()
+    write_json(out / "devices.json", described)
+    return described
+
+
+@contextmanager
+def ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C sets ``stop``, so the dispatch ends between two Ray calls, never
+    inside one or inside a journal write; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # a run in a thread (tests): signals go to the main thread's own handler
+        return
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs, backend: str, bs: int,
               out: Path, log, keep_finished: bool = False) -> RunOutcome:
     """One full pass over the boxes at batch size ``bs`` into ``out``: the body of a run.
 
@@ -744,47 +449,68 @@ def run_batch(cfg: RunConfig, session: Session, pool: WorkerPool, inputs: Inputs
     box_set, weights, evaluated = inputs.box_set, inputs.weights, inputs.evaluated
     devices = session.devices
     model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
-    journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs))
+    previous = Journal.previous_fingerprint(out / "journal") if cfg.resume else None
+    # A resumed run keeps its shards, whatever the device count now.
+    per_shard = (previous or {}).get("shard_boxes") or shard_boxes(len(box_set.boxes), bs, cfg.shard_size,
+                                                                   len(devices))
+    journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs, model_path, devices,
+                                                   per_shard))
     done = journal.start(cfg.resume)
-    shards = make_shards(box_set, bs, cfg.shard_size)
-    todo = deque(s for s in shards if s.id not in done)
+    shards = make_shards(box_set, per_shard)
+    # A shard with skipped boxes runs again: the file may be readable now (a transient error, a fix).
+    todo = deque(s for s in shards if s.id not in done or done[s.id].skipped)
+    done = {k: r for k, r in done.items() if not r.skipped}
     if keep_finished and cfg.resume and not todo and all((out / n).exists() for n in RUN_FILES):
         log(f"bs {bs}: finished before, kept ({out})")
         return load_outcome(out)
     started = time.time()
-    log(f"{len(box_set.boxes)} boxes in {len(shards)} shards ({len(done)} done before) on "
+    log(f"{len(box_set.boxes)} boxes in {len(shards)} shards of {per_shard} ({len(done)} done before) on "
         f"{', '.join(str(d) for d in devices)}{' (Ray cluster)' if session.existing else ''}; "
         f"backend {backend}, bs {bs}")
     if "npu" in {d.kind for d in devices} and compute_device("npu", backend) == "cpu":
         log(f"note: backend {backend} computes on the CPU; the NPU slots only place the workers")
     fresh: list[ShardResult] = []
+    failed: list[tuple[int, str]] = []  # (box id, why) of shards given up
     described: list[dict] = []
-    lost: list[str] = []
+    report = DispatchReport()
     first_dispatch = last_result = time.time()
     if todo:
-        actors, described = pool.ready(model_path, bs, out, log)
+        described = ready_workers(cfg, session, pool, backend, model_path, bs, out, log)
         done_boxes = sum(len(r.box_ids) for r in done.values())
-        progress = Progress(len(box_set.boxes), done_boxes, list(actors), len(shards), quiet=cfg.quiet, log=log,
-                            title=f"bs {bs} ")
+        progress = Progress(len(box_set.boxes), done_boxes, [d["device"] for d in described], len(shards),
+                            quiet=cfg.quiet, log=log, title=f"bs {bs} ")
 
         def on_result(r: ShardResult) -> None:
             nonlocal last_result
-            journal.add(r)
+            try:
+                journal.add(r)
+            except OSError as e:
+                raise RunError(f"{journal.dir}: cannot save a finished shard ({e.strerror or e}); the "
+                               f"{len(done) + len(fresh)} shards saved before are kept: free the disk, then rerun "
+                               "the same command with --resume") from None
             fresh.append(r)
             last_result = time.time()
             progress.update(r)
 
+        def on_failed(shard: Shard, why: str) -> None:
+            failed.extend((b.id, f"its shard failed on every try: {why}") for b in shard.boxes)
+
         first_dispatch = time.time()
+        stop = threading.Event()
         try:
-            lost = dispatch(session.ray, actors, todo, on_result, log)
-        except KeyboardInterrupt:
+            with ctrl_c_stops(stop):
+                report = dispatch(pool, todo, on_result, log, dispatch_policy(cfg), on_failed, stop)
+        except (Stopped, KeyboardInterrupt):
             raise Interrupted(f"interrupted: {len(done) + len(fresh)} of {len(shards)} shards are saved "
                               f"in {out / 'journal'}; rerun the same command with --resume") from None
+        except AllDevicesLost as e:
+            raise RunError(f"{e}; finished shards are kept: rerun the same command with --resume") from None
         finally:
             progress.close()
-        pool.drop(lost)
     for d in described:
-        d["lost"] = d["device"] in lost
+        d["lost"] = d["device"] in report.lost
+        if d["lost"]:
+            d["lost_reason"] = report.lost[d["device"]]
     if described:
         write_json(out / "devices.json", described)
 
@@ -795,7 +521,8 @@ def run_batch(cfg: RunConfig, session: Session, pool: WorkerPool, inputs: Inputs
 
     skipped = [{"box_index": s.box_index, "image_id": s.image_id, "reason": s.reason} for s in box_set.skipped]
     by_id = {b.id: b for b in box_set.boxes}
-    skipped += [{"box_index": i, "image_id": by_id[i].image_id, "reason": reason} for i, reason in merged.skipped]
+    skipped += [{"box_index": i, "image_id": by_id[i].image_id, "reason": reason}
+                for i, reason in sorted(merged.skipped + failed)]
     metrics = {"evaluated": evaluated and backend != "sim"}
     if metrics["evaluated"]:
         metrics.update(evaluate_keypoints(box_set.ann_file, final))
@@ -806,22 +533,49 @@ def run_batch(cfg: RunConfig, session: Session, pool: WorkerPool, inputs: Inputs
                     "skipped_boxes": skipped, "ann_file": box_set.ann_file, "box_source": box_set.source})
     write_json(out / "metrics.json", metrics)
 
-    tp = throughput(fresh, described, first_dispatch, last_result)
-    tp["totals"]["resumed_boxes"] = int(sum(len(r.box_ids) for r in done.values()))
-    tp["lost_devices"] = lost
-    write_json(out / "throughput.json", tp)
-    finished = time.time()
-    write_json(out / "run.json", {
-        "config": asdict(cfg), "bs": bs, "backend": backend, "model_path": model_path,
-        "model": {"name": "FastPose ResNet-50 256x192", "file": Path(model_path).name},
-        "devices": described,
-        "device_specs": [{"kind": d.kind, "id": d.id, "name": d.name, "soc": d.soc} for d in devices],
-        "versions": versions(), "weights": weights, "weights_sha256": journal.fingerprint["weights_sha256"],
-        "box_source": box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
-        "boxes": len(box_set.boxes), "skipped_boxes": len(box_set.skipped),
-        "started": started, "finished": finished, "started_iso": _iso(started), "finished_iso": _iso(finished),
-        "timing_scope": dict(tp["labels"], **TIMING_SCOPE)})
-    return RunOutcome(out, metrics, tp, lost)
+    if fresh or not (out / "throughput.json").exists():
+        tp = run_throughput(fresh, done, described, report, first_dispatch, last_result, out)
+        write_json(out / "throughput.json", tp)
+        finished = time.time()
+        write_json(out / "run.json", {
+            "config": asdict(cfg), "bs": bs, "backend": backend, "model_path": model_path,
+            "model": {"name": "FastPose ResNet-50 256x192", "file": Path(model_path).name},
+            "devices": described,
+            "device_specs": [{"kind": d.kind, "id": d.id, "name": d.name, "soc": d.soc} for d in devices],
+            "versions": versions(), "weights": weights, "weights_sha256": journal.fingerprint["weights_sha256"],
+            "box_source": box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
+            "boxes": len(box_set.boxes), "skipped_boxes": len(box_set.skipped),
+            "started": started, "finished": finished, "started_iso": _iso(started), "finished_iso": _iso(finished),
+            "timing_scope": dict(tp["labels"], **TIMING_SCOPE)})
+    else:  # a resume with nothing left to run: the figures of the run that computed it stay
+        tp = json.loads((out / "throughput.json").read_text())
+    return RunOutcome(out, metrics, tp, list(tp.get("lost_devices", [])))
+
+
+def run_throughput(fresh: list[ShardResult], done: dict[int, ShardResult], described: list[dict],
+                   report: DispatchReport, first_dispatch: float, last_result: float, out: Path) -> dict:
+    """throughput.json: this run's shards; when it computed none, rebuilt from the journal."""
+    if not fresh and done:
+        results = list(done.values())
+        known = {d["device"]: d for d in (json.loads((out / "devices.json").read_text())
+                                          if (out / "devices.json").exists() else [])}
+        rows = [known.get(label, {"device": label, "kind": label.split(":")[0]})
+                for label in dict.fromkeys(r.device for r in results)]
+        tp = throughput(results, rows, min(r.started for r in results), max(r.finished for r in results))
+        tp["totals"]["rebuilt_from_journal"] = True
+        tp["totals"]["resumed_boxes"] = 0
+    else:
+        tp = throughput(fresh, described, first_dispatch, last_result)
+        tp["totals"]["resumed_boxes"] = int(sum(len(r.box_ids) for r in done.values()))
+    for row in tp["devices"]:
+        row["copies_won"] = int(report.copies_won.get(row["id"], 0))
+        if row["id"] in report.lost:
+            row["lost_reason"] = report.lost[row["id"]]
+    tp["totals"]["speculative_copies"] = report.copies
+    tp["totals"]["speculative_copies_won"] = int(sum(report.copies_won.values()))
+    tp["totals"]["failed_shards"] = len(report.failed)
+    tp["lost_devices"] = list(report.lost)
+    return tp
 
 
 #: Where each time figure starts and stops; written into run.json next to the per-figure labels.

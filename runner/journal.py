@@ -35,6 +35,12 @@ class Journal:
         self.dir = Path(directory)
         self.fingerprint = fingerprint
 
+    @staticmethod
+    def previous_fingerprint(directory: Path) -> dict | None:
+        """The fingerprint of the journal in ``directory``, if one was started there."""
+        stamp = Path(directory) / "fingerprint.json"
+        return json.loads(stamp.read_text()) if stamp.exists() else None
+
     def start(self, resume: bool) -> dict[int, ShardResult]:
         """Shards already done (when resuming); a fresh journal otherwise."""
         stamp = self.dir / "fingerprint.json"
@@ -67,6 +73,7 @@ class Journal:
     def add(self, r: ShardResult) -> None:
         meta = {"shard_id": r.shard_id, "device": r.device, "skipped": r.skipped, "crops": r.crops,
                 "calls": r.calls, "device_seconds": r.device_seconds, "busy_seconds": r.busy_seconds,
+                "bytes_to_device": r.bytes_to_device, "bytes_from_device": r.bytes_from_device,
                 "started": r.started, "finished": r.finished}
         path = self.dir / f"shard-{r.shard_id:06d}.npz"
         tmp = self.dir / f".shard-{r.shard_id:06d}.{os.getpid()}.tmp"

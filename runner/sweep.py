@@ -14,8 +14,10 @@ from pathlib import Path
 
 from runner.config import RunConfig
 from runner.detect import plan_detection, run_planned_detection
+from cluster.actor import Worker
+from cluster.pool import actor_pool
 from runner.driver import (RunOutcome, RunError, choose_backend, format_metrics, load_inputs, prepare_out,
-                           ray_session, run_batch, settle_uint8_input, worker_pool)
+                           run_batch, session_for, settle_uint8_input)
 from runner.report import load_run, write_summary
 
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json", "throughput.png")
@@ -36,13 +38,13 @@ def run_sweep(cfg: RunConfig, log=print) -> list[RunOutcome]:
     plan = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
     inputs = None if plan else load_inputs(cfg)
     outcomes = []
-    with ray_session(cfg) as session:
+    with session_for(cfg) as session:
         backend = choose_backend(cfg.backend, session.devices)
         cfg = settle_uint8_input(cfg, backend, session.devices)
         if plan:
             run_planned_detection(plan, session, cfg, backend, log)
             inputs = load_inputs(cfg)
-        with worker_pool(session, cfg, backend) as pool:
+        with actor_pool(session, Worker, backend, cfg.threads) as pool:
             for bs in cfg.bs:
                 one = dataclasses.replace(cfg, bs=(bs,), out=str(run_dir(out, bs)))
                 outcome = run_batch(one, session, pool, inputs, backend, bs, prepare_out(one), log,

@@ -190,7 +190,7 @@ def test_a_lost_detector_worker_hands_its_shards_to_the_other(det):
 
     from runner.config import load_config
     from runner.detect import DetectJob, check_detect_inputs, detect_on_session
-    from runner.driver import ray_session
+    from runner.driver import session_for
 
     out = det["dir"] / "dets-after-loss.json"
     cfg = load_config(None, {"devices": "cpu:2", "threads": int(THREADS), "models_dir": str(det["models"]),
@@ -207,7 +207,7 @@ def test_a_lost_detector_worker_hands_its_shards_to_the_other(det):
             os.kill(int(pid), signal.SIGKILL)
             killed.append(label)
 
-    with ray_session(cfg) as session:
+    with session_for(cfg) as session:
         outcome = detect_on_session(session, inputs, "torch", cfg.models_dir, cfg.threads, log)
     assert killed == ["cpu:1"] and outcome.lost_devices == ["cpu:1"]
     assert any(line.startswith("device cpu:1 lost (") for line in lines), lines

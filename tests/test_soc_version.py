@@ -9,7 +9,9 @@ import pytest
 
 from conftest import REPO
 from runner.config import ConfigError, load_config
-from runner.driver import RunError, cluster_devices, soc_version, with_soc
+from cluster.devices import with_soc
+from cluster.session import cluster_devices
+from runner.driver import RunError, soc_version
 
 
 def test_cluster_without_accelerator_type_needs_the_flag():

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import COCO_MINI, COCO_MINI_DETS, SHARED
 from runner.config import ConfigError, load_config
-from runner.driver import prep_threads
+from cluster.placement import prep_threads
 from tasks.backends import open_backend
 from tasks.dataset import load_boxes, read_rgb
 from tasks.deploy import Variant, bytes_per_box
