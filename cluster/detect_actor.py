@@ -2,7 +2,7 @@
 
 ``DetectWorker`` is a plain class; the driver (``runner.detect``) turns it into a Ray
 actor with the same placement, resources and visibility pinning as the pose
-``Worker`` (``runner.driver.launch_actors``). It holds no numerics of its own: each
+``Worker`` (``cluster.pool.ActorPool``). It holds no numerics of its own: each
 image of a shard goes through ``tasks.detector.detect_image`` and the records come
 back in the shard's image order.
 """

@@ -247,6 +247,8 @@ def dispatch(pool: ActorPool, shards: deque, on_result: Callable, log: Callable,
             raise AllDevicesLost(f"every device was lost ({'; '.join(causes) or 'none started'})")
         # One result is enough to act on: the worker that gave it gets its next shard at once.
         ready, _ = ray.wait(list(tasks), num_returns=1, timeout=policy.poll_s)
+        if stop is not None and stop.is_set():  # before the errors a Ctrl-C may have caused in the workers
+            raise Stopped("stopped")
         now = time.monotonic()
         for ref in ready:
             handle(ref, now)

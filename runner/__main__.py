@@ -12,7 +12,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.devices import DeviceError
     from cluster.errors import ClusterError
     from cluster.npu_smi import NpuSmiUnavailable
-    from runner.driver import RunError
+    from runner.errors import RunError
     from runner.journal import JournalMismatch
     from runner.report import ReportError
     from tasks.atc import AtcError
@@ -154,7 +154,7 @@ COMMANDS = {"doctor": main_doctor, "report": main_report, "detect": main_detect,
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = COMMANDS.get(argv[0]) if argv else None
-    from runner.driver import Interrupted
+    from runner.errors import Interrupted
 
     try:
         return command(argv[1:]) if command else main_run(argv)

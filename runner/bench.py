@@ -33,8 +33,9 @@ import numpy as np
 from cluster.devices import parse_devices
 from cluster.placement import placements
 from runner.config import RunConfig
-from runner.driver import (RunError, choose_backend, load_inputs, prepare_model, run,
-                           settle_uint8_input, variant_of)
+from runner.driver import run
+from runner.errors import RunError
+from runner.inputs import choose_backend, load_inputs, prepare_model, settle_uint8_input, variant_of
 from runner.journal import atomic_write_text
 from tasks.backends import open_backend
 from tasks.pipeline import network_inputs, prepare_batch, run_network, warm_up

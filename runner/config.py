@@ -37,7 +37,7 @@ class RunConfig:
     bs: tuple[int, ...]
     flip: bool
     fused_flip: bool
-    uint8_input: bool | None  # None: auto, settled per run (runner.driver.settle_uint8_input)
+    uint8_input: bool | None  # None: auto, settled per run (runner.inputs.settle_uint8_input)
     sim_rate: float
     soc_version: str | None
     shard_size: int

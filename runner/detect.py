@@ -31,8 +31,9 @@ from cluster.dispatch import DispatchPolicy, dispatch
 from cluster.errors import AllDevicesLost, Stopped
 from cluster.pool import actor_pool
 from cluster.session import Session
-from runner.driver import (Interrupted, RunError, check_run_inputs, choose_backend, ctrl_c_stops, dispatch_policy,
-                           session_for, soc_version)
+from runner.control import ctrl_c_stops, dispatch_policy, session_for
+from runner.errors import Interrupted, RunError
+from runner.inputs import check_run_inputs, choose_backend, soc_version
 from tasks.dataset import ANNOTATIONS, IMAGES, DataError
 
 #: A shard holds at most this many images; fewer when that keeps every worker busy.

@@ -155,8 +155,8 @@ def _ais_bench() -> Check:
         from ais_bench.infer import interface
     except ImportError as e:
         return Check("ais_bench", False, _first_line(f"cannot import ais_bench.infer.interface: {e}"))
-    return Check("ais_bench", True, f"{_version('ais_bench', interface)}, {ais_bench_generation(interface.InferSession)} "
-                                    f"({Path(interface.__file__).parent})")
+    version, generation = _version("ais_bench", interface), ais_bench_generation(interface.InferSession)
+    return Check("ais_bench", True, f"{version}, {generation} ({Path(interface.__file__).parent})")
 
 
 def ais_bench_generation(session_class: type) -> str:

@@ -9,52 +9,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
 from cluster.devices import Device
-from cluster.dispatch import DispatchPolicy, DispatchReport, dispatch
+from cluster.dispatch import DispatchReport, dispatch
 from cluster.errors import AllDevicesLost, Stopped
 from cluster.placement import Placement, compute_device, prep_threads
 from cluster.pool import ActorPool, actor_pool
 from cluster.reducer import format_throughput, merge_shards, throughput
-from cluster.session import Session, ray_session
+from cluster.session import Session
 from runner.config import RunConfig
-from runner.journal import Journal, atomic_write_text
+from runner.control import ctrl_c_stops, dispatch_policy, session_for
+from runner.errors import Interrupted, RunError
+from runner.inputs import (Inputs, choose_backend, load_inputs, prepare_model, settle_uint8_input, soc_version,
+                           variant_of)
+from runner.journal import Journal
+from runner.outputs import TIMING_SCOPE, format_metrics, iso_time, prepare_out, versions, write_json
 from runner.progress import Progress
-from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
-from tasks.evaluation import STAT_NAMES, evaluate_keypoints, pose_records, rescore_and_nms
-from tasks.deploy import Variant
-from tasks.export import ExportOptions, export_onnx
-from tasks.model import build_fastpose, check_checkpoint, file_sha256
-from tasks.pipeline import prepare_batch
-
-CHECKPOINT_HELP = ("fast_res50_256x192.pth (162,603,012 bytes, sha256 "
-                   "42808e905aa20133a89a6a2cba073265a2ce35fabe65edffd9f153ef5846b7b0) from AlphaPose's "
-                   "model zoo (docs/MODEL_ZOO.md, 'Fast Pose' ResNet-50 256x192)")
-COCO_HELP = ("COCO val2017 from cocodataset.org/#download (val2017.zip into DATAROOT/val2017, "
-             "annotations_trainval2017.zip into DATAROOT/annotations)")
-
-
-class RunError(RuntimeError):
-    """The run cannot go on; one line for the user."""
-
-
-class Interrupted(RunError):
-    pass
+from tasks.dataset import BoxSet
+from tasks.evaluation import evaluate_keypoints, pose_records, rescore_and_nms
+from tasks.model import file_sha256
 
 
 @dataclass
@@ -66,154 +45,6 @@ class RunOutcome:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
-    """The boxes, the checkpoint path and whether accuracy means anything (not synthetic)."""
-    if cfg.synthetic:
-        from tasks.synthetic import write_synthetic_coco
-
-        root = Path(cfg.models_dir) / "synthetic" / f"n{cfg.synthetic}-seed{cfg.seed}"
-        if not (root / "detections" / "dets.json").exists():
-            write_synthetic_coco(root, cfg.synthetic, seed=cfg.seed, extra_dets_per_image=0)
-        weights = Path(cfg.models_dir) / f"fastpose-random-seed{cfg.seed}.pth"
-        if not weights.exists():
-            import torch
-
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            tmp = weights.with_suffix(".tmp")
-            torch.save(build_fastpose(seed=cfg.seed).state_dict(), tmp)
-            os.replace(tmp, weights)
-        return load_boxes(str(root), str(root / "detections" / "dets.json")), str(weights), False
-    check_run_inputs(cfg)
-    if cfg.dets and not Path(cfg.dets).exists():
-        raise DataError(f"{cfg.dets}: detection file not found; give the right --dets, or --detector-weights "
-                        "yolov3-spp.weights to write it with the detector first")
-    return load_boxes(cfg.dataroot, cfg.dets, cfg.ann), cfg.weights, True
-
-
-def check_run_inputs(cfg: RunConfig) -> None:
-    """The inputs a real (not synthetic) run names are there and fit together; one line when not."""
-    missing = []
-    if not cfg.dataroot:
-        missing.append("--dataroot (a COCO root)")
-    elif not Path(cfg.dataroot).is_dir():
-        missing.append(f"dataroot {cfg.dataroot}")
-    if not cfg.weights:
-        missing.append("--weights")
-    elif not Path(cfg.weights).is_file():
-        missing.append(f"weights {cfg.weights}")
-    if not cfg.dets and cfg.boxes != "gt":
-        missing.append("a box source (--dets FILE, --boxes gt, or --dets FILE with --detector-weights "
-                       "yolov3-spp.weights to detect the boxes first)")
-    if missing:
-        raise RunError(f"missing {'; '.join(missing)}. Get {COCO_HELP} and {CHECKPOINT_HELP}; "
-                       "or try the pipeline without them: python -m runner --synthetic 256")
-    if cfg.dets and cfg.boxes == "gt":
-        raise RunError("give either --dets FILE or --boxes gt, not both")
-    if cfg.boxes not in (None, "gt"):
-        raise RunError(f"--boxes {cfg.boxes!r}: the only box source besides --dets is 'gt'")
-
-
-def check_images(box_set: BoxSet, skip_missing: bool) -> None:
-    """Image files are checked before anything starts (issue 7's policy).
-
-    A missing file stops the run unless ``--skip-missing-images``; then its boxes
-    are reported as skipped and the mAP is marked incomplete.
-    """
-    missing = missing_images(box_set)
-    if not missing:
-        return
-    if not skip_missing:
-        raise DataError(f"{missing[0]}: image not found ({len(missing)} of {len(box_set.image_paths)} "
-                        "images missing); fix the dataroot, or pass --skip-missing-images to run without them")
-    from tasks.dataset import Skipped
-
-    gone = set(missing)
-    lost = {i for i, p in box_set.image_paths.items() if p in gone}
-    box_set.skipped += [Skipped(b.id, b.image_id, f"{box_set.image_paths[b.image_id]}: image not found")
-                        for b in box_set.boxes if b.image_id in lost]
-    box_set.boxes = [b for b in box_set.boxes if b.image_id not in lost]
-
-
-def choose_backend(name: str, devices: list[Device]) -> str:
-    """``auto``: OM on NPUs, else ONNX Runtime (faster than PyTorch on CPU, measured)."""
-    kinds = {d.kind for d in devices}
-    if len(kinds) > 1:
-        raise RunError(f"--devices mixes {', '.join(sorted(kinds))}; run one kind per command")
-    if name != "auto":
-        return name
-    return "om" if "npu" in kinds else "onnxruntime"
-
-
-def check_crops(box_set: BoxSet, n: int = 4) -> np.ndarray:
-    """Real crops for verifying an export: the first few boxes'."""
-    boxes = box_set.boxes[:n]
-    images = {i: read_rgb(box_set.image_paths[i]) for i in {b.image_id for b in boxes}}
-    return prepare_batch(boxes, images).crops
-
-
-#: Backends whose uint8-input model gives the float model's keypoints bit for bit on a CPU
-#: (tests/test_throughput.py). OpenVINO's differs in the 7th digit; on an NPU, ATC's default
-#: force_fp16 may normalise in fp16, and CUDA has not been measured.
-EXACT_UINT8_ON_CPU = ("onnxruntime", "torch")
-
-
-def settle_uint8_input(cfg: RunConfig, backend: str, devices: list[Device]) -> RunConfig:
-    """``uint8_input: auto`` made true or false for this run's backend and devices.
-
-    Auto is on where the host's own cores run the network and the in-graph
-    normalisation is the host's bit for bit: ONNX Runtime and PyTorch on CPU devices.
-    There the host's normalisation and float mirror take cores from the network
-    (every other thread costs ONNX Runtime about twice its CPU time on a busy host),
-    while inside the graph they cost it nothing measurable: the backend alone 1.001 of
-    the float model's speed, end to end +1.9% (2 cores, bs 16; docs/throughput.md).
-    """
-    if cfg.uint8_input is not None:
-        return cfg
-    on = backend in EXACT_UINT8_ON_CPU and all(d.kind == "cpu" for d in devices)
-    return replace(cfg, uint8_input=on)
-
-
-def variant_of(cfg: RunConfig) -> Variant:
-    """The model variant of a config whose ``uint8_input`` is settled (``settle_uint8_input``)."""
-    if cfg.uint8_input is None:
-        raise ValueError("uint8_input auto is settled per run: call settle_uint8_input first")
-    return Variant(fused_flip=cfg.fused_flip, uint8_input=cfg.uint8_input)
-
-
-def prepare_model(cfg: RunConfig, backend: str, weights: str, box_set: BoxSet, bs: int,
-                  devices: list[Device]) -> str:
-    """The file the backend opens, converted and cached on first use ('' for sim: none)."""
-    variant = variant_of(cfg)
-    if backend == "sim":
-        return ""
-    if backend == "torch":
-        return str(Path(weights).resolve())
-    if backend in ("onnxruntime", "openvino"):
-        options = ExportOptions(batch_size=None, variant=variant)
-        return str(export_onnx(weights, cfg.models_dir, options, check_crops(box_set)).resolve())
-    if backend == "om":
-        from tasks.atc import convert_to_om
-
-        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=bs, variant=variant),
-                           check_crops(box_set))
-        # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
-        layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
-        return str(convert_to_om(onnx, cfg.models_dir, soc_version(devices), batch_size=bs, **layout).resolve())
-    raise RunError(f"unknown backend {backend!r}")
-
-
-def soc_version(devices: list[Device]) -> str:
-    """The one chip type ATC builds an OM for."""
-    socs = {d.soc for d in devices}
-    if None in socs:
-        raise RunError("cannot tell the NPUs' soc_version for ATC (npu-smi, or Ray on a cluster, does not name "
-                       "the chip): pass --soc-version, e.g. --soc-version Ascend310P3")
-    if len(socs) != 1:
-        raise RunError(f"the devices of one run are of {len(socs)} chip types ({', '.join(sorted(socs))}); "
-                       "an OM is built for one: name devices of one type in --devices")
-    return socs.pop()
 
 
 def shard_boxes(boxes: int, bs: int, shard_size: int, workers: int) -> int:
@@ -252,104 +83,6 @@ def fingerprint(cfg: RunConfig, box_set: BoxSet, weights: str, backend: str, bs:
             "device_kinds": sorted({d.kind for d in devices}), "runner_version": runner.__version__}
 
 
-# ---------------------------------------------------------------- OUT
-
-
-def prepare_out(cfg: RunConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise RunError(f"{out}: exists and is not empty; pass --resume to continue that run, "
-                       "--overwrite to replace it, or another --out")
-    if out.exists() and cfg.overwrite and not cfg.resume:
-        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "journal", ignore_errors=True)
-        shutil.rmtree(out / "heatmaps", ignore_errors=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"{out}: cannot write results there ({e.strerror}); choose another --out") from None
-    return out
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def versions() -> dict:
-    """Versions of what decides the numbers and the speed; absent packages are left out."""
-    import importlib.metadata as md
-
-    import runner
-
-    found = {"python": sys.version.split()[0], "runner": runner.__version__}
-    for name in ("torch", "onnxruntime", "onnx", "ray", "opencv-python-headless", "opencv-python", "numpy",
-                 "pycocotools", "ais_bench", "aclruntime"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        import cv2
-
-        found["opencv"] = cv2.__version__
-    except ImportError:
-        pass
-    cann = cann_version()
-    if cann:
-        found["cann"] = cann
-    return found
-
-
-def cann_version() -> str | None:
-    """CANN's toolkit version from ASCEND_TOOLKIT_HOME's version files, when CANN is set up."""
-    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
-    for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
-        try:
-            text = (Path(home) / name).read_text() if home else ""
-        except OSError:
-            continue
-        for line in text.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip().lower() == "version":
-                return value.strip()
-    return None
-
-
-def format_metrics(metrics: dict) -> str:
-    if not metrics.get("evaluated"):
-        return f"accuracy: {metrics['accuracy']}"
-    top = "  ".join(f"{n}={metrics[n]:.4f}" for n in STAT_NAMES[:5])
-    bottom = "  ".join(f"{n}={metrics[n]:.4f}" for n in STAT_NAMES[5:])
-    note = "" if metrics["complete"] else f"   INCOMPLETE: {metrics['skipped']} boxes skipped"
-    return f"COCO keypoint mAP {metrics['AP']:.4f}{note}\n{top}\n{bottom}"
-
-
-# ---------------------------------------------------------------- the run
-
-
-@dataclass
-class Inputs:
-    """What every run of a command shares: the boxes, the checkpoint, whether mAP means anything."""
-
-    box_set: BoxSet
-    weights: str
-    evaluated: bool
-
-
-def load_inputs(cfg: RunConfig) -> Inputs:
-    box_set, weights, evaluated = resolve_inputs(cfg)
-    check_images(box_set, cfg.skip_missing_images)
-    if evaluated:  # before Ray starts: a wrong, truncated or unsafe file is named at once
-        check_checkpoint(weights)
-    if not box_set.boxes:
-        raise RunError(f"{box_set.source}: no usable boxes ({len(box_set.skipped)} skipped)")
-    return Inputs(box_set, weights, evaluated)
-
-
 #: The files of one finished run; a sweep's --resume keeps a batch size that has them all.
 RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
 
@@ -357,16 +90,6 @@ RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
 def load_outcome(out: Path) -> RunOutcome:
     tp = json.loads((out / "throughput.json").read_text())
     return RunOutcome(out, json.loads((out / "metrics.json").read_text()), tp, tp.get("lost_devices", []))
-
-
-def session_for(cfg: RunConfig):
-    """The Ray session of a command: a private Ray for ``--devices``, or ``--address``'s cluster."""
-    return ray_session(cfg.devices, cfg.address, cfg.soc_version)
-
-
-def dispatch_policy(cfg: RunConfig) -> DispatchPolicy:
-    return DispatchPolicy(straggler_factor=cfg.straggler_factor, straggler_floor_s=cfg.straggler_floor,
-                          device_timeout_s=cfg.device_timeout)
 
 
 def run(cfg: RunConfig, log=print) -> RunOutcome:
@@ -417,26 +140,6 @@ def ready_workers(cfg: RunConfig, session: Session, pool: ActorPool, backend: st
     described = pool.current()
     write_json(out / "devices.json", described)
     return described
-
-
-@contextmanager
-def ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C sets ``stop``, so the dispatch ends between two Ray calls, never
-    inside one or inside a journal write; a second one interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # a run in a thread (tests): signals go to the main thread's own handler
-        return
-
-    def handler(signum, frame) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs, backend: str, bs: int,
@@ -545,7 +248,7 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
             "versions": versions(), "weights": weights, "weights_sha256": journal.fingerprint["weights_sha256"],
             "box_source": box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
             "boxes": len(box_set.boxes), "skipped_boxes": len(box_set.skipped),
-            "started": started, "finished": finished, "started_iso": _iso(started), "finished_iso": _iso(finished),
+            "started": started, "finished": finished, "started_iso": iso_time(started), "finished_iso": iso_time(finished),
             "timing_scope": dict(tp["labels"], **TIMING_SCOPE)})
     else:  # a resume with nothing left to run: the figures of the run that computed it stay
         tp = json.loads((out / "throughput.json").read_text())
@@ -578,15 +281,3 @@ def run_throughput(fresh: list[ShardResult], done: dict[int, ShardResult], descr
     return tp
 
 
-#: Where each time figure starts and stops; written into run.json next to the per-figure labels.
-TIMING_SCOPE = {
-    "started/finished": "run.json only: from the journal's start (after the model is converted or found in "
-                        "the cache) to the last file written, evaluation included",
-    "e2e window": "first shard dispatched to last shard result: excludes Ray start, worker start, model "
-                  "conversion, merge, OKS-NMS and COCOeval",
-    "device_seconds scope": "per backend call, timed inside the actor around the backend's run()",
-}
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")

@@ -16,8 +16,11 @@ from runner.config import RunConfig
 from runner.detect import plan_detection, run_planned_detection
 from cluster.actor import Worker
 from cluster.pool import actor_pool
-from runner.driver import (RunOutcome, RunError, choose_backend, format_metrics, load_inputs, prepare_out,
-                           run_batch, session_for, settle_uint8_input)
+from runner.control import session_for
+from runner.driver import RunOutcome, run_batch
+from runner.errors import RunError
+from runner.inputs import choose_backend, load_inputs, settle_uint8_input
+from runner.outputs import format_metrics, prepare_out
 from runner.report import load_run, write_summary
 
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json", "throughput.png")

@@ -1,7 +1,7 @@
 """Placement on a real local Ray: logical NPUs on a CPU host, CPU backends in the actors.
 
 An {"NPU": 1} actor holding the torch backend computes on the CPU
-(``runner.driver.compute_device``), so Ray's NPU scheduling and
+(``cluster.placement.compute_device``), so Ray's NPU scheduling and
 ASCEND_RT_VISIBLE_DEVICES are real here; only the arithmetic is not on an NPU.
 Every run must write the keypoints.json of an uninterrupted run without Ray, byte for byte.
 """

@@ -190,7 +190,7 @@ def test_a_lost_detector_worker_hands_its_shards_to_the_other(det):
 
     from runner.config import load_config
     from runner.detect import DetectJob, check_detect_inputs, detect_on_session
-    from runner.driver import session_for
+    from runner.control import session_for
 
     out = det["dir"] / "dets-after-loss.json"
     cfg = load_config(None, {"devices": "cpu:2", "threads": int(THREADS), "models_dir": str(det["models"]),

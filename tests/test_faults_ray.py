@@ -18,7 +18,8 @@ ray = pytest.importorskip("ray")
 
 from ray_support import (check_throughput, cli_args, cli_env, config, journalled_box_ids,  # noqa: E402
                          read_devices, run_cli, shards_landed, wait_for)
-from runner.driver import RunError, run  # noqa: E402
+from runner.driver import run  # noqa: E402
+from runner.errors import RunError  # noqa: E402
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ ray = pytest.importorskip("ray")
 from conftest import COCO_MINI, COCO_MINI_DETS, requires_shared  # noqa: E402
 from ray_support import (check_throughput, cli_args, cli_env, config, journalled_box_ids, read_devices,  # noqa: E402
                          run_cli, shards_landed, wait_for)
-from runner.driver import RunError, run  # noqa: E402
+from runner.driver import run  # noqa: E402
+from runner.errors import RunError  # noqa: E402
 from runner.journal import Journal  # noqa: E402
 
 SIM = ("--backend", "sim", "--sim-rate", "20")  # 4 crops per shard: 0.2 s each

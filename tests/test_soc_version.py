@@ -11,7 +11,8 @@ from conftest import REPO
 from runner.config import ConfigError, load_config
 from cluster.devices import with_soc
 from cluster.session import cluster_devices
-from runner.driver import RunError, soc_version
+from runner.errors import RunError
+from runner.inputs import soc_version
 
 
 def test_cluster_without_accelerator_type_needs_the_flag():

@@ -159,7 +159,7 @@ def test_cli_variants_same_keypoints_and_bytes_in_throughput(tmp_path, synthetic
 ])
 def test_uint8_input_auto_is_on_where_it_is_exact_on_the_host(backend, devices, asked, settled):
     from cluster.devices import Device
-    from runner.driver import settle_uint8_input, variant_of
+    from runner.inputs import settle_uint8_input, variant_of
 
     kind, _, count = devices.partition(":")
     cfg = load_config(None, {"uint8_input": asked})

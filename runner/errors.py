@@ -1,0 +1,10 @@
+"""The errors of a run that the command line prints as one line (exit 2; Interrupted: 130)."""
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; one line for the user."""
+
+
+class Interrupted(RunError):
+    pass

@@ -1,0 +1,195 @@
+"""What a run is given, checked before Ray starts: boxes, images, checkpoint, backend, model file.
+
+Every problem a user can fix is one line (RunError, DataError, CheckpointError) and stops
+the run before any worker starts, with nothing written.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cluster.devices import Device
+from runner.config import RunConfig
+from runner.errors import RunError
+from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
+from tasks.deploy import Variant
+from tasks.export import ExportOptions, export_onnx
+from tasks.model import build_fastpose, check_checkpoint
+from tasks.pipeline import prepare_batch
+
+CHECKPOINT_HELP = ("fast_res50_256x192.pth (162,603,012 bytes, sha256 "
+                   "42808e905aa20133a89a6a2cba073265a2ce35fabe65edffd9f153ef5846b7b0) from AlphaPose's "
+                   "model zoo (docs/MODEL_ZOO.md, 'Fast Pose' ResNet-50 256x192)")
+COCO_HELP = ("COCO val2017 from cocodataset.org/#download (val2017.zip into DATAROOT/val2017, "
+             "annotations_trainval2017.zip into DATAROOT/annotations)")
+
+
+
+def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
+    """The boxes, the checkpoint path and whether accuracy means anything (not synthetic)."""
+    if cfg.synthetic:
+        from tasks.synthetic import write_synthetic_coco
+
+        root = Path(cfg.models_dir) / "synthetic" / f"n{cfg.synthetic}-seed{cfg.seed}"
+        if not (root / "detections" / "dets.json").exists():
+            write_synthetic_coco(root, cfg.synthetic, seed=cfg.seed, extra_dets_per_image=0)
+        weights = Path(cfg.models_dir) / f"fastpose-random-seed{cfg.seed}.pth"
+        if not weights.exists():
+            import torch
+
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            tmp = weights.with_suffix(".tmp")
+            torch.save(build_fastpose(seed=cfg.seed).state_dict(), tmp)
+            os.replace(tmp, weights)
+        return load_boxes(str(root), str(root / "detections" / "dets.json")), str(weights), False
+    check_run_inputs(cfg)
+    if cfg.dets and not Path(cfg.dets).exists():
+        raise DataError(f"{cfg.dets}: detection file not found; give the right --dets, or --detector-weights "
+                        "yolov3-spp.weights to write it with the detector first")
+    return load_boxes(cfg.dataroot, cfg.dets, cfg.ann), cfg.weights, True
+
+
+def check_run_inputs(cfg: RunConfig) -> None:
+    """The inputs a real (not synthetic) run names are there and fit together; one line when not."""
+    missing = []
+    if not cfg.dataroot:
+        missing.append("--dataroot (a COCO root)")
+    elif not Path(cfg.dataroot).is_dir():
+        missing.append(f"dataroot {cfg.dataroot}")
+    if not cfg.weights:
+        missing.append("--weights")
+    elif not Path(cfg.weights).is_file():
+        missing.append(f"weights {cfg.weights}")
+    if not cfg.dets and cfg.boxes != "gt":
+        missing.append("a box source (--dets FILE, --boxes gt, or --dets FILE with --detector-weights "
+                       "yolov3-spp.weights to detect the boxes first)")
+    if missing:
+        raise RunError(f"missing {'; '.join(missing)}. Get {COCO_HELP} and {CHECKPOINT_HELP}; "
+                       "or try the pipeline without them: python -m runner --synthetic 256")
+    if cfg.dets and cfg.boxes == "gt":
+        raise RunError("give either --dets FILE or --boxes gt, not both")
+    if cfg.boxes not in (None, "gt"):
+        raise RunError(f"--boxes {cfg.boxes!r}: the only box source besides --dets is 'gt'")
+
+
+def check_images(box_set: BoxSet, skip_missing: bool) -> None:
+    """Image files are checked before anything starts (issue 7's policy).
+
+    A missing file stops the run unless ``--skip-missing-images``; then its boxes
+    are reported as skipped and the mAP is marked incomplete.
+    """
+    missing = missing_images(box_set)
+    if not missing:
+        return
+    if not skip_missing:
+        raise DataError(f"{missing[0]}: image not found ({len(missing)} of {len(box_set.image_paths)} "
+                        "images missing); fix the dataroot, or pass --skip-missing-images to run without them")
+    from tasks.dataset import Skipped
+
+    gone = set(missing)
+    lost = {i for i, p in box_set.image_paths.items() if p in gone}
+    box_set.skipped += [Skipped(b.id, b.image_id, f"{box_set.image_paths[b.image_id]}: image not found")
+                        for b in box_set.boxes if b.image_id in lost]
+    box_set.boxes = [b for b in box_set.boxes if b.image_id not in lost]
+
+
+def choose_backend(name: str, devices: list[Device]) -> str:
+    """``auto``: OM on NPUs, else ONNX Runtime (faster than PyTorch on CPU, measured)."""
+    kinds = {d.kind for d in devices}
+    if len(kinds) > 1:
+        raise RunError(f"--devices mixes {', '.join(sorted(kinds))}; run one kind per command")
+    if name != "auto":
+        return name
+    return "om" if "npu" in kinds else "onnxruntime"
+
+
+def check_crops(box_set: BoxSet, n: int = 4) -> np.ndarray:
+    """Real crops for verifying an export: the first few boxes'."""
+    boxes = box_set.boxes[:n]
+    images = {i: read_rgb(box_set.image_paths[i]) for i in {b.image_id for b in boxes}}
+    return prepare_batch(boxes, images).crops
+
+
+#: Backends whose uint8-input model gives the float model's keypoints bit for bit on a CPU
+#: (tests/test_throughput.py). OpenVINO's differs in the 7th digit; on an NPU, ATC's default
+#: force_fp16 may normalise in fp16, and CUDA has not been measured.
+EXACT_UINT8_ON_CPU = ("onnxruntime", "torch")
+
+
+def settle_uint8_input(cfg: RunConfig, backend: str, devices: list[Device]) -> RunConfig:
+    """``uint8_input: auto`` made true or false for this run's backend and devices.
+
+    Auto is on where the host's own cores run the network and the in-graph
+    normalisation is the host's bit for bit: ONNX Runtime and PyTorch on CPU devices.
+    There the host's normalisation and float mirror take cores from the network
+    (every other thread costs ONNX Runtime about twice its CPU time on a busy host),
+    while inside the graph they cost it nothing measurable: the backend alone 1.001 of
+    the float model's speed, end to end +1.9% (2 cores, bs 16; docs/throughput.md).
+    """
+    if cfg.uint8_input is not None:
+        return cfg
+    on = backend in EXACT_UINT8_ON_CPU and all(d.kind == "cpu" for d in devices)
+    return replace(cfg, uint8_input=on)
+
+
+def variant_of(cfg: RunConfig) -> Variant:
+    """The model variant of a config whose ``uint8_input`` is settled (``settle_uint8_input``)."""
+    if cfg.uint8_input is None:
+        raise ValueError("uint8_input auto is settled per run: call settle_uint8_input first")
+    return Variant(fused_flip=cfg.fused_flip, uint8_input=cfg.uint8_input)
+
+
+def prepare_model(cfg: RunConfig, backend: str, weights: str, box_set: BoxSet, bs: int,
+                  devices: list[Device]) -> str:
+    """The file the backend opens, converted and cached on first use ('' for sim: none)."""
+    variant = variant_of(cfg)
+    if backend == "sim":
+        return ""
+    if backend == "torch":
+        return str(Path(weights).resolve())
+    if backend in ("onnxruntime", "openvino"):
+        options = ExportOptions(batch_size=None, variant=variant)
+        return str(export_onnx(weights, cfg.models_dir, options, check_crops(box_set)).resolve())
+    if backend == "om":
+        from tasks.atc import convert_to_om
+
+        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=bs, variant=variant),
+                           check_crops(box_set))
+        # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
+        layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
+        return str(convert_to_om(onnx, cfg.models_dir, soc_version(devices), batch_size=bs, **layout).resolve())
+    raise RunError(f"unknown backend {backend!r}")
+
+
+def soc_version(devices: list[Device]) -> str:
+    """The one chip type ATC builds an OM for."""
+    socs = {d.soc for d in devices}
+    if None in socs:
+        raise RunError("cannot tell the NPUs' soc_version for ATC (npu-smi, or Ray on a cluster, does not name "
+                       "the chip): pass --soc-version, e.g. --soc-version Ascend310P3")
+    if len(socs) != 1:
+        raise RunError(f"the devices of one run are of {len(socs)} chip types ({', '.join(sorted(socs))}); "
+                       "an OM is built for one: name devices of one type in --devices")
+    return socs.pop()
+
+
+@dataclass
+class Inputs:
+    """What every run of a command shares: the boxes, the checkpoint, whether mAP means anything."""
+
+    box_set: BoxSet
+    weights: str
+    evaluated: bool
+
+
+def load_inputs(cfg: RunConfig) -> Inputs:
+    box_set, weights, evaluated = resolve_inputs(cfg)
+    check_images(box_set, cfg.skip_missing_images)
+    if evaluated:  # before Ray starts: a wrong, truncated or unsafe file is named at once
+        check_checkpoint(weights)
+    if not box_set.boxes:
+        raise RunError(f"{box_set.source}: no usable boxes ({len(box_set.skipped)} skipped)")
+    return Inputs(box_set, weights, evaluated)

@@ -1,0 +1,103 @@
+"""What a run writes to OUT, atomically, and how it prints its figures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from runner.config import RunConfig
+from runner.errors import RunError
+from runner.journal import atomic_write_text
+from tasks.evaluation import STAT_NAMES
+
+def prepare_out(cfg: RunConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+        raise RunError(f"{out}: exists and is not empty; pass --resume to continue that run, "
+                       "--overwrite to replace it, or another --out")
+    if out.exists() and cfg.overwrite and not cfg.resume:
+        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "journal", ignore_errors=True)
+        shutil.rmtree(out / "heatmaps", ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"{out}: cannot write results there ({e.strerror}); choose another --out") from None
+    return out
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def versions() -> dict:
+    """Versions of what decides the numbers and the speed; absent packages are left out."""
+    import importlib.metadata as md
+
+    import runner
+
+    found = {"python": sys.version.split()[0], "runner": runner.__version__}
+    for name in ("torch", "onnxruntime", "onnx", "ray", "opencv-python-headless", "opencv-python", "numpy",
+                 "pycocotools", "ais_bench", "aclruntime"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import cv2
+
+        found["opencv"] = cv2.__version__
+    except ImportError:
+        pass
+    cann = cann_version()
+    if cann:
+        found["cann"] = cann
+    return found
+
+
+def cann_version() -> str | None:
+    """CANN's toolkit version from ASCEND_TOOLKIT_HOME's version files, when CANN is set up."""
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    for name in ("version.cfg", "compiler/version.info", "runtime/version.info"):
+        try:
+            text = (Path(home) / name).read_text() if home else ""
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip().lower() == "version":
+                return value.strip()
+    return None
+
+
+def format_metrics(metrics: dict) -> str:
+    if not metrics.get("evaluated"):
+        return f"accuracy: {metrics['accuracy']}"
+    top = "  ".join(f"{n}={metrics[n]:.4f}" for n in STAT_NAMES[:5])
+    bottom = "  ".join(f"{n}={metrics[n]:.4f}" for n in STAT_NAMES[5:])
+    note = "" if metrics["complete"] else f"   INCOMPLETE: {metrics['skipped']} boxes skipped"
+    return f"COCO keypoint mAP {metrics['AP']:.4f}{note}\n{top}\n{bottom}"
+
+
+# ---------------------------------------------------------------- the run
+
+
+#: Where each time figure starts and stops; written into run.json next to the per-figure labels.
+TIMING_SCOPE = {
+    "started/finished": "run.json only: from the journal's start (after the model is converted or found in "
+                        "the cache) to the last file written, evaluation included",
+    "e2e window": "first shard dispatched to last shard result: excludes Ray start, worker start, model "
+                  "conversion, merge, OKS-NMS and COCOeval",
+    "device_seconds scope": "per backend call, timed inside the actor around the backend's run()",
+}
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
