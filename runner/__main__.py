@@ -20,12 +20,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tasks.dataset import DataError, ImageError
     from tasks.detector import CfgError, WeightsError
     from tasks.detector import ImageError as DetectorImageError
+    from tasks.evaluation import EvaluatorError
     from tasks.export import ExportError
     from tasks.model import CheckpointError
 
     return (ConfigError, ReportError, DeviceError, ClusterError, NpuSmiUnavailable, RunError, JournalMismatch,
             BackendUnavailable, DataError, ImageError, ExportError, CheckpointError, AtcError,
-            CfgError, WeightsError, DetectorImageError)
+            CfgError, WeightsError, DetectorImageError, EvaluatorError)
 
 
 def run_parser() -> argparse.ArgumentParser:

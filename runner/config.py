@@ -8,11 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from tasks.evaluation import EVALUATORS
+
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-
-
-#: COCOeval implementations: auto is faster-coco-eval where installed, else pycocotools.
-EVALUATORS = ("auto", "faster-coco-eval", "pycocotools")
 
 
 class ConfigError(ValueError):

@@ -228,7 +228,7 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
                 for i, reason in sorted(merged.skipped + failed)]
     metrics = {"evaluated": evaluated and backend != "sim"}
     if metrics["evaluated"]:
-        metrics.update(evaluate_keypoints(box_set.ann_file, final))
+        metrics.update(evaluate_keypoints(box_set.ann_file, final, cfg.evaluator))
     else:
         metrics["accuracy"] = "n/a (simulated device)" if backend == "sim" else "n/a (no checkpoint)"
     metrics.update({"boxes": len(box_set.boxes) + len(box_set.skipped), "results_before_nms": len(records),

@@ -7,9 +7,11 @@ upstream does: trap T16) or from the ground truth.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,20 +185,50 @@ class ImageError(OSError):
     """An image that cannot be read or decoded; the message names the file."""
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]``: ``cv2.imread`` (BGR, EXIF applied, grey -> 3 channels) then to RGB."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            tail = f.read()
-    except OSError as e:
-        raise ImageError(f"{path}: image cannot be read ({e.strerror})") from None
+class TransientImageError(ImageError):
+    """A read error that outlasted the retries but says nothing about the file (a flaky disk or
+    network mount, too many open files): unlike a missing or corrupt image, it may pass, so the
+    boxes of that image may be retried (``--resume``)."""
+
+
+#: errno values of a read that may succeed if tried again: I/O error, stale NFS handle,
+#: too many open files (process, system), resource busy, interrupted call.
+TRANSIENT_READ_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.EAGAIN,
+                                   errno.EINTR})
+
+
+def _read_image_bytes(path: str, attempts: int, backoff_s: float) -> bytes:
+    """The file's bytes; a transient error is retried with a doubling backoff, then TransientImageError."""
+    for attempt in range(attempts):
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if e.errno not in TRANSIENT_READ_ERRNOS:
+                raise ImageError(f"{path}: image cannot be read ({e.strerror})") from None
+            if attempt + 1 >= attempts:
+                raise TransientImageError(
+                    f"{path}: image cannot be read ({e.strerror}, {attempts} attempts); the error may pass: "
+                    "its boxes may be retried (--resume)") from None
+            time.sleep(backoff_s * 2 ** attempt)
+    raise ValueError(f"attempts must be >= 1, got {attempts}")
+
+
+def read_rgb(path: str, attempts: int = 4, backoff_s: float = 0.05) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]``: OpenCV's decode (BGR, EXIF applied, grey -> 3 channels) then to RGB.
+
+    The file is read once, here, and decoded from memory (``cv2.imdecode`` decodes as
+    ``cv2.imread`` does, EXIF orientation included), so that a read error is seen with
+    its errno: transient ones (``TRANSIENT_READ_ERRNOS``) are tried ``attempts`` times,
+    ``backoff_s`` doubling between tries (0.35 s in all by default), then raise
+    ``TransientImageError``; any other failure raises ``ImageError``.
+    """
+    data = _read_image_bytes(path, attempts, backoff_s)
     # libjpeg pads a truncated JPEG with grey and only warns; a crop of it would be
     # silently wrong. Some encoders append bytes after EOI, so look near the end.
-    if head == b"\xff\xd8" and b"\xff\xd9" not in tail:
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if bgr is None:
         raise ImageError(f"{path}: cannot be decoded as an image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -10,6 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -185,12 +186,45 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return checkpoint_filter_fn(state, path)
 
 
+def _not_a_torch_file(path: str) -> str | None:
+    """Why ``path`` is not a file ``torch.save`` wrote, or None if it may be one (or cannot be read).
+
+    ``torch.save`` writes a zip archive (``PK\\x03\\x04``) since torch 1.6 and a pickle
+    stream (``\\x80``, protocol 2) before. Anything else fails in the unpickler, whose
+    message ("could run code") would point the user the wrong way.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+            size = f.seek(0, 2)
+    except OSError:
+        return None  # load_checkpoint names the problem (no such file, unreadable)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if len(head) >= 16:
+        from tasks.detector.darknet_weights import DarknetHeader  # here: tasks.detector imports this module
+
+        major, minor, revision = (int(v) for v in np.frombuffer(head, "<i4", count=3))
+        header = DarknetHeader(major, minor, revision, 0)
+        # Darknet's own header rule (major, minor < 1000), then a whole number of float32s after it.
+        if 0 <= major < 1000 and 0 <= minor < 1000 and 0 <= revision < 1000 and size > header.nbytes \
+                and (size - header.nbytes) % 4 == 0:
+            return (f"not a torch checkpoint: it looks like Darknet weights (header version "
+                    f"{major}.{minor}.{revision}, {(size - header.nbytes) // 4:,} float32 values): give it to "
+                    f"--detector-weights, and AlphaPose's fast_res50_256x192.pth to --weights")
+    return ("not a torch checkpoint (neither the zip archive nor the pickle that torch.save writes); "
+            "give AlphaPose's fast_res50_256x192.pth (FastPose ResNet-50 256x192)")
+
+
 def check_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError (one line) unless ``path`` loads strictly into FastPose.
 
     The driver calls it before any worker starts, so a wrong, truncated or unsafe
     file is reported by name at once instead of as a failed worker.
     """
+    reason = _not_a_torch_file(str(path))
+    if reason:
+        raise CheckpointError(f"{path}: {reason}")
     state = load_checkpoint(path)
     with torch.device("meta"):  # shapes only: no memory, no init
         model = FastPose()

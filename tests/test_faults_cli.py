@@ -298,6 +298,38 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, coco, models_dir):
     assert not marker.exists()  # the payload never ran
 
 
+def _darknet_weights(path: Path) -> str:
+    """A file shaped like Darknet's yolov3-spp.weights: int32 0, 2, 0, an int64 'seen', float32s."""
+    import numpy as np
+
+    path.write_bytes(np.array([0, 2, 0], "<i4").tobytes() + np.array([32_013_312], "<u8").tobytes()
+                     + np.random.default_rng(0).random(1000).astype("<f4").tobytes())
+    return str(path)
+
+
+def test_darknet_weights_given_as_weights_point_at_detector_weights(tmp_path, coco, models_dir):
+    weights = _darknet_weights(tmp_path / "yolov3-spp.weights")
+    dets = write_dets(tmp_path / "dets.json", small_dets(coco, 1))
+    out = tmp_path / "out"
+    proc = runner(*run_args(coco, dets, weights, out, models_dir), cwd=tmp_path)
+    line = one_error(proc, out, weights, "not a torch checkpoint", "looks like Darknet weights",
+                     "version 0.2.0, 1,000 float32 values", "give it to --detector-weights",
+                     "fast_res50_256x192.pth to --weights")
+    assert line.startswith(f"error: {weights}: ") and "could run code" not in line
+    assert "boxes in" not in proc.stdout
+
+
+def test_file_neither_torch_nor_darknet_given_as_weights_is_not_a_torch_checkpoint(tmp_path, coco, models_dir):
+    weights = str(tmp_path / "image.pth")
+    shutil.copy(coco["images"][0], weights)  # a JPEG: neither torch.save's zip nor its pickle
+    dets = write_dets(tmp_path / "dets.json", small_dets(coco, 1))
+    out = tmp_path / "out"
+    proc = runner(*run_args(coco, dets, weights, out, models_dir), cwd=tmp_path)
+    line = one_error(proc, out, weights, "not a torch checkpoint (neither the zip archive nor the pickle",
+                     "fast_res50_256x192.pth")
+    assert "Darknet" not in line and "could run code" not in line
+
+
 # ---------------------------------------------------------------- 13, 14: devices
 
 
