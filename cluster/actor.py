@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,57 +99,97 @@ class _ImageCache:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.backend = self._open(config)
-        warm_up(self.backend, config.flip)  # before the first shard: setup, not throughput
+        self.backend = None  # the device thread's: it opens, runs and closes it
+        # One thread owns the session: ais_bench sessions are not thread-safe, and before
+        # 2024 the ACL context is current only on the thread that made the session. That
+        # thread also runs the prepared batches of every shard back to back: after a call
+        # it takes the next queued item at once (handing the device between shard threads
+        # through a lock cost ~1.2 ms per batch in waking the next holder, measured, sim
+        # backend). Items are (inputs, future) from _prepare, or (command, future).
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        opened: Future = Future()
+        self._device_thread = threading.Thread(target=self._device_loop, args=(opened,), name="device", daemon=True)
+        self._device_thread.start()
+        opened.result()  # an open error is raised here, so the actor fails to start with its line
         self._images = _ImageCache()
         self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
-        # One thread owns the session (ais_bench sessions are not thread-safe) and runs
-        # the prepared batches of every shard back to back: after a call it takes the
-        # next queued batch at once. Handing the device between shard threads through a
-        # lock cost ~1.2 ms per batch in waking the next holder (measured, sim backend).
-        self._device = threading.Lock()  # held per call; set_batch takes it to swap the session
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._device_thread = threading.Thread(target=self._device_loop, name="device", daemon=True)
-        self._device_thread.start()
 
-    def set_batch(self, model_path: str, batch_size: int) -> None:
-        """Run the next shards at ``batch_size`` (a sweep's next run).
+    def set_batch(self, model_path: str, batch_size: int, dump_dir: str | None = None) -> None:
+        """Run the next shards at ``batch_size`` (a sweep's next run), dumping heatmaps to ``dump_dir``.
 
         The backend is reopened only when the model file changes (a static OM is
-        built per batch size); a dynamic-batch session (ONNX, torch) is kept.
+        built per batch size); a dynamic-batch session (ONNX, torch) is kept. The
+        work runs on the device thread; its error is raised here.
         """
-        cfg = self.config
-        with self._device:
-            if model_path != cfg.model_path:
-                self.backend.close()
-                self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
-                self.backend = self._open(self.config)
-            else:
-                self.backend.batch_size = batch_size
-                self.config = replace(cfg, model_path=model_path, batch_size=batch_size)
-            if (model_path, batch_size) != (cfg.model_path, cfg.batch_size):
-                warm_up(self.backend, cfg.flip)
+        self._submit(lambda: self._rebatch(model_path, batch_size, dump_dir)).result()
+
+    def _rebatch(self, model_path: str, batch_size: int, dump_dir: str | None) -> None:
+        """On the device thread. A failed reopen leaves no session (and no model loaded), the config unchanged."""
+        old = self.config
+        new = replace(old, model_path=model_path, batch_size=batch_size, dump_dir=dump_dir)
+        if model_path != old.model_path or self.backend is None:
+            self._close_backend()  # before the next loads: one model on the device at a time
+            self.backend = self._open_warm(new)
+        elif batch_size != old.batch_size:
+            self.backend.batch_size = batch_size
+            warm_up(self.backend, new.flip)
+        self.config = new
 
     @staticmethod
     def _open(cfg: WorkerConfig):
         return open_backend(cfg.backend, cfg.model_path, cfg.device, cfg.batch_size, cfg.threads,
                             cfg.variant, cfg.sim_rate)
 
+    def _open_warm(self, cfg: WorkerConfig):
+        """Open and warm up (setup, not throughput: before the first shard); closed again if warm-up fails."""
+        backend = self._open(cfg)
+        try:
+            warm_up(backend, cfg.flip)
+        except BaseException:
+            backend.close()
+            raise
+        return backend
+
+    def _close_backend(self) -> None:
+        backend, self.backend = self.backend, None  # dropped even if close() raises
+        if backend is not None:
+            backend.close()
+
+    def _submit(self, command: Callable[[], object]) -> Future:
+        """Queue ``command()`` for the device thread; its result or error comes back through the future."""
+        if not self._device_thread.is_alive():
+            raise RuntimeError(f"worker {self.config.label} is closed")
+        done: Future = Future()
+        self._queue.put((command, done))
+        return done
+
     def describe(self) -> dict:
         return describe_placement(self.config)
 
-    def _device_loop(self) -> None:
-        """The device thread: queued batches in, (outputs, device seconds, seconds held) out."""
+    def _device_loop(self, opened: Future) -> None:
+        """The device thread: opens the backend, then runs queued items until close() stops it.
+
+        A batch gives (outputs, device seconds, seconds held); a command its own result.
+        """
+        try:
+            self.backend = self._open_warm(self.config)
+        except BaseException as e:
+            opened.set_exception(e)
+            return
+        opened.set_result(None)
         while (item := self._queue.get()) is not None:
-            inputs, done = item
+            work, done = item
             try:
-                with self._device:
-                    t0 = time.perf_counter()
-                    outputs, seconds = run_network(self.backend, inputs)
-                    held = time.perf_counter() - t0
-                done.set_result((outputs, seconds, held))
-            except BaseException as e:  # raised again in the shard that queued the batch
+                done.set_result(work() if callable(work) else self._run_batch(work))
+            except BaseException as e:  # raised again in the thread that queued it
                 done.set_exception(e)
+
+    def _run_batch(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+        if self.backend is None:
+            raise RuntimeError(f"{self.config.label}: no open session: the last set_batch failed to open its model")
+        t0 = time.perf_counter()
+        outputs, seconds = run_network(self.backend, inputs)
+        return outputs, seconds, time.perf_counter() - t0
 
     def _prepare(self, boxes: list[Box], paths: dict[int, str]) -> tuple[PreparedBatch | None, list, list, Future]:
         """All host work of one batch before the device; then the batch is queued for the device thread."""
@@ -205,10 +246,14 @@ class Worker:
         return result
 
     def close(self) -> None:
+        """Close the session on the device thread, then stop it; idempotent."""
+        if not self._device_thread.is_alive():
+            return
         self._prep.shutdown(wait=False)
+        closed = self._submit(self._close_backend)
         self._queue.put(None)
         self._device_thread.join()
-        self.backend.close()
+        closed.result()
 
 
 def describe_placement(cfg) -> dict:

@@ -16,6 +16,8 @@ takes in a process without ASCEND_RT_VISIBLE_DEVICES.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tasks.cann import SET_ENV
+
 
 class NpuSmiUnavailable(RuntimeError):
     """npu-smi is missing or failed; the message is one line that says what to do."""
@@ -60,7 +62,7 @@ KNOWN_ERRORS = (
     ("dcmi model initialized failed",
      "the NPU is in use by another process or container, or this container lacks the driver mounts"),
     ("error while loading shared libraries",
-     "driver libraries are not on the loader path: source /usr/local/Ascend/ascend-toolkit/set_env.sh "
+     f"driver libraries are not on the loader path: source {SET_ENV} "
      "or add /usr/local/Ascend/driver/lib64 to LD_LIBRARY_PATH"),
     ("No such file or directory",
      "npu-smi is not installed or not mounted: install the Ascend driver, or mount "

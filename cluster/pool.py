@@ -17,6 +17,9 @@ from cluster.session import Session
 
 #: Shards queued per actor: one runs while the next is prepared.
 IN_FLIGHT_PER_ACTOR = 2
+#: The longest a worker may take to start (open its session, warm up) or to switch models
+#: (a sweep's next OM): loading a large OM takes seconds to a minute; past this it is hung.
+ANSWER_TIMEOUT_S = 600.0
 
 
 class ActorPool:
@@ -46,7 +49,7 @@ class ActorPool:
             handles.append(ray.remote(max_concurrency=self.max_concurrency, max_restarts=0, **p.options)(
                 self.actor_class).options(name=names[-1]).remote(make_config(p)))
         try:
-            described = ray.get([h.describe.remote() for h in handles])
+            described = ray.get([h.describe.remote() for h in handles], timeout=ANSWER_TIMEOUT_S)
         except Exception as e:
             for h in handles:
                 ray.kill(h)
@@ -68,8 +71,8 @@ class ActorPool:
         failed = {}
         for label, ref in refs.items():
             try:
-                ray.get(ref)
-            except Exception as e:
+                ray.get(ref, timeout=ANSWER_TIMEOUT_S)
+            except Exception as e:  # GetTimeoutError too: a device that does not answer is lost
                 failed[label] = first_line(e)
                 self.lose(label, f"{method} failed: {failed[label]}")
         return failed

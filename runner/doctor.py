@@ -14,10 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# CANN's environment script in its two install layouts: ascend-toolkit/ (before CANN 8.5), cann/ (8.5 on).
-# Spelled here, not imported from tasks.backends.om: that pulls in torch, and doctor must run without it.
-SET_ENV_SCRIPTS = ("/usr/local/Ascend/ascend-toolkit/set_env.sh", "/usr/local/Ascend/cann/set_env.sh")
-SET_ENV = f"{SET_ENV_SCRIPTS[0]} (or {SET_ENV_SCRIPTS[1]} on CANN 8.5+)"
+from tasks.cann import SET_ENV, SET_ENV_SCRIPTS  # torch-free: doctor runs on hosts without it
+
 ALL = ("torch", "onnxruntime", "om")  # the backends; a check needed by every one lists them all
 # ais_bench's README links prebuilt wheels (cp37-cp312 since 2024-08) but says they are not the newest build.
 WHEELS = ("install the ais_bench and aclruntime wheels (not on PyPI: build them from source, or take the prebuilt "

@@ -20,10 +20,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from tasks.cann import SET_ENV
 from tasks.export import INPUT_NAME
 from tasks.model import FASTPOSE, file_sha256
 
-SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
 SUCCESS_LINE = "ATC run success, welcome to the next use."
 #: Gears of a dynamic-batch OM when none are given (spec §3.4's example).
 DEFAULT_GEARS = (1, 2, 4, 8, 16)

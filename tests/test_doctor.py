@@ -64,6 +64,10 @@ def test_cpu_host_reports_the_ascend_stack_missing_with_fixes(bare_host):
     assert "--backend om: not ready (npu-smi, CANN env, atc, aclruntime, ais_bench)" in text
     assert "--backend onnxruntime: ready" in text
     assert f"fix: source {SET_ENV}" in text
+    # both CANN layouts are named: ascend-toolkit/ up to 8.3, cann/ from 8.5
+    assert "/usr/local/Ascend/ascend-toolkit/set_env.sh" in checks["CANN env"].fix
+    assert "/usr/local/Ascend/cann/set_env.sh" in checks["CANN env"].fix
+    assert "prebuilt 0.0.2 wheels" in checks["ais_bench"].fix
 
 
 def test_fake_atlas_host_reports_everything_for_om_ok(fake_atlas):
@@ -73,13 +77,34 @@ def test_fake_atlas_host_reports_everything_for_om_ok(fake_atlas):
     assert checks["npu-smi"].detail == "2 NPU(s): ids 0, 1 (Ascend310P3); ATC soc_version Ascend310P3"
     assert checks["atc"].detail == str(FAKES / "bin" / "atc")
     assert checks["CANN env"].detail == f"ASCEND_TOOLKIT_HOME={fake_atlas}"
-    assert "summary()/free_resource()" in checks["ais_bench"].detail
+    assert "2024+ API: summary(), exec_time_list of (start, end) pairs, free_resource()" in checks["ais_bench"].detail
     assert "--backend om: ready" in format_doctor(list(checks.values()))
 
 
-def test_old_ais_bench_is_named(fake_atlas, monkeypatch):
-    monkeypatch.setenv("FAKE_AIS_BENCH_API", "old")
-    assert "sumary(), 2023 API" in by_name(doctor())["ais_bench"].detail
+@pytest.mark.parametrize("api, generation", [
+    ("ait", "2023 API (ait's benchmark): sumary(), exec_time_list of durations, no free_resource in aclruntime"),
+    ("old", "2023 API (Ascend/tools mirror): sumary(), exec_time_list of durations, no free_resource()")])
+def test_ais_bench_generation_is_named(fake_atlas, monkeypatch, api, generation):
+    monkeypatch.setenv("FAKE_AIS_BENCH_API", api)
+    check = by_name(doctor())["ais_bench"]
+    assert check.ok and f", {generation} (" in check.detail
+
+
+@pytest.mark.parametrize("layout", ["ascend-toolkit", "cann"])
+def test_installed_but_unsourced_cann_is_found_in_either_layout(bare_host, monkeypatch, tmp_path, layout):
+    import runner.doctor
+
+    scripts = tuple(str(tmp_path / name / "set_env.sh") for name in ("ascend-toolkit", "cann"))
+    monkeypatch.setattr(runner.doctor, "SET_ENV_SCRIPTS", scripts)
+    check = by_name(doctor())["CANN env"]
+    assert not check.ok
+    assert check.detail == f"ASCEND_TOOLKIT_HOME is unset and there is no {scripts[0]} nor {scripts[1]}"
+    script = tmp_path / layout / "set_env.sh"
+    script.parent.mkdir()
+    script.write_text("export ASCEND_TOOLKIT_HOME=...\n")
+    check = by_name(doctor())["CANN env"]
+    assert not check.ok and check.fix == f"source {script}"
+    assert check.detail == f"ASCEND_TOOLKIT_HOME is unset: {script} exists but is not sourced in this shell"
 
 
 def test_npu_smi_failure_is_quoted(fake_atlas, tmp_path, monkeypatch):

@@ -1,19 +1,24 @@
-"""OmBackend against the fake ais_bench (tests/fakes), in both API versions (spec ascend.md §1, §6).
+"""OmBackend, and the Worker that owns it, against the fake ais_bench (tests/fakes) in its three API versions.
 
-The fake session runs the ONNX behind a fake OM with ONNX Runtime, so heatmaps are
-compared with ONNX Runtime's on the same crops. A tiny model with FastPose's input
-and output names and shapes (AvgPool 4x4 + 1x1 conv 3->17) keeps this fast; the
-numerics of the real FastPose do not matter here.
+``new`` (2024+ source: pairs, ``summary()``, per-call context), ``ait`` (2023 packaged
+wheels: durations, ``sumary()``, ``out_array``, thread-bound context) and ``old``
+(2023 Ascend/tools: durations, no ``out_array``, no ``free_resource``); spec ascend.md
+§1, §6. The fake session runs the ONNX behind a fake OM with ONNX Runtime, so
+heatmaps are compared with ONNX Runtime's on the same crops. A tiny model with
+FastPose's input and output names and shapes (AvgPool 4x4 + 1x1 conv 3->17) keeps
+this fast; the numerics of the real FastPose do not matter here.
 """
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tasks.backends import BackendUnavailable, open_backend
-from tasks.backends.om import OmBackend, OmModelError
+from tasks.backends.om import PATH_DEPTH_MAX, OmBackend, OmModelError, execution_ms
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 B = 4  # the static OM's batch
@@ -25,11 +30,15 @@ def _drop_fake_modules() -> None:
         del sys.modules[name]
 
 
-@pytest.fixture(params=["new", "old"])
+APIS = ["new", "ait", "old"]
+
+
+@pytest.fixture(params=APIS)
 def api(request, monkeypatch):
     """The fake ais_bench of one API version importable as `ais_bench`; removed afterwards."""
     monkeypatch.setenv("FAKE_AIS_BENCH_API", request.param)
-    monkeypatch.delenv("FAKE_ASCEND_SOC", raising=False)
+    for var in ("FAKE_ASCEND_SOC", "FAKE_ACL_CONTEXT", "FAKE_ACL_EXEC_MS", "FAKE_ACL_LOG"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.syspath_prepend(str(FAKES))
     _drop_fake_modules()
     yield request.param
@@ -52,13 +61,14 @@ def tiny_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def oms(tiny_onnx, tmp_path_factory) -> dict[str, Path]:
-    """A static batch-4 OM and a dynamic-batch one (gears 1,2,4,8), made by the fake atc."""
+    """Static OMs of batch 4 (the main one), 1, 2 and 8, and a dynamic-batch one (gears 1,2,4,8), by the fake atc."""
     from tasks.atc import convert_to_om
 
     models = tmp_path_factory.mktemp("models")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATH", f"{FAKES / 'bin'}{os.pathsep}{os.environ['PATH']}")
         return {"static": convert_to_om(tiny_onnx, models, "Ascend310P3", batch_size=B),
+                **{f"b{n}": convert_to_om(tiny_onnx, models, "Ascend310P3", batch_size=n) for n in (1, 2, 8)},
                 "dynamic": convert_to_om(tiny_onnx, models, "Ascend310P3", gears=GEARS)}
 
 
@@ -120,14 +130,80 @@ def test_dynamic_batch_gears_can_be_given_when_the_sidecar_is_gone(api, oms, tmp
     backend.close()
 
 
-def test_device_seconds_are_the_new_exec_time_entries(api, oms):
+def test_device_seconds_are_each_calls_executions_in_every_timing_form(api, oms, monkeypatch):
+    """Durations (2023) and (start, end) pairs (2024) alike; the list is read once per call and cleared."""
+    monkeypatch.setenv("FAKE_ACL_EXEC_MS", "1.25")  # every execution is recorded as 1.25 ms
     backend = OmBackend(str(oms["static"]), "npu:0", B, 1)
-    summary = backend.session.summary if api == "new" else backend.session.sumary
-    got = [backend.run(crops(2))[1] for _ in range(3)]
-    times = summary().exec_time_list
-    assert len(times) == 3 and all(end > start >= 0 for start, end in times)
-    np.testing.assert_allclose(got, [(end - start) / 1000 for start, end in times])
+    summary = getattr(backend.session, "summary" if api == "new" else "sumary")
+    got = []
+    for _ in range(3):
+        got.append(backend.run(crops(2))[1])
+        assert summary().exec_time_list == []  # reset after the read
+    if api == "new":  # float32 stamps since the session started: their difference is exact to ~1e-4 ms
+        assert got == pytest.approx([1.25e-3] * 3, rel=1e-4)
+    else:  # float32 durations: 1.25 is exact
+        assert got == [1.25e-3] * 3
     backend.close()
+
+
+def test_exec_time_list_is_float32_in_the_form_of_its_generation(api, oms):
+    from ais_bench.infer.interface import InferSession
+
+    session = InferSession(0, str(oms["static"]))
+    session.infer([crops(B)])
+    summary = getattr(session, "summary" if api == "new" else "sumary")()
+    (entry,) = summary.exec_time_list
+    values = list(entry) if api == "new" else [entry]
+    assert isinstance(entry, tuple) == (api == "new") and all(float(np.float32(v)) == v for v in values)
+    assert summary.exec_time_list is not summary.exec_time_list  # def_readwrite: a new list per read
+
+
+def test_execution_ms_sums_both_forms_in_float64():
+    assert execution_ms([]) == 0.0
+    assert execution_ms([1.25, 0.5]) == 1.75  # durations (before ais_bench 2024-02)
+    # pairs since session start; 8388608 ms (2.3 h) is where float32 stamps step by 1 ms
+    assert execution_ms([(10.0, 11.25), (8388608.0, 8388609.0)]) == 2.25
+    assert execution_ms([(np.float32(3.5), np.float32(4.0))]) == 0.5
+
+
+def test_summary_reads_stay_constant_over_10000_calls(api, oms):
+    """A read of exec_time_list copies the whole list: read and reset per call, it stays one entry long.
+
+    The time of one read (the backend's read-and-reset, min of 50 reads: robust to
+    a busy host) after 10,000 calls must be within 2x of the first reads'.
+    """
+    backend = OmBackend(str(oms["b1"]), "npu:0", 1, 1)
+    reads: list[float] = []
+    take = backend._take_exec_ms
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        ms = take()
+        reads.append(time.perf_counter() - t0)
+        return ms
+
+    backend._take_exec_ms = timed
+    x = crops(1)
+    for _ in range(10_000):
+        backend.run(x)
+    first, last = min(reads[:50]), min(reads[-50:])
+    print(f"{api}: one read {first * 1e6:.2f} us at the start, {last * 1e6:.2f} us after 10,000 calls")
+    assert len(reads) == 10_000 and last <= 2 * first
+    # The measure sees an O(n) read: the same list 10,000 entries long reads far slower than 1 entry.
+    summary = getattr(backend.session, backend._summary_name)()
+    entry = (0.0, 1.0) if api == "new" else 1.0
+    assert _min_read(summary, [entry] * 10_000) > 2 * _min_read(summary, [entry])
+    backend.close()
+
+
+def _min_read(summary, entries: list) -> float:
+    summary.exec_time_list = entries  # def_readwrite: assigning replaces the C++ vector
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        summary.exec_time_list
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def test_non_contiguous_crops_are_fed_contiguous(api, oms, tiny_onnx):
@@ -212,21 +288,74 @@ def test_other_model_file_rules(api, oms, tmp_path, name, expected):
         OmBackend(str(path), "npu:0", B, 1)
 
 
-def test_close_frees_the_session_when_it_can(api, oms, monkeypatch):
+def test_close_unloads_the_model_on_every_api_version(api, oms):
+    """2024: free_resource(); 2023 builds have none and unload when the session object dies, so
+    close() must leave no reference to it (no bound methods kept)."""
+    import aclruntime
+
     backend = OmBackend(str(oms["static"]), "npu:0", B, 1)
+    backend.run(crops(1))
+    assert aclruntime.loaded_models() == 1
     session = backend.session
-    assert hasattr(session, "free_resource") == (api == "new")
-    calls = []
-    if api == "new":
-        free = session.free_resource
-        monkeypatch.setattr(session, "free_resource", lambda: (calls.append("free"), free()))
+    assert hasattr(session, "free_resource") == (api != "old")
+    del session
     backend.close()
     backend.close()  # idempotent
-    assert calls == (["free"] if api == "new" else [])
-    assert backend.session is None
-    if api == "new":
-        with pytest.raises(RuntimeError):
-            session.infer([crops(B)])
+    assert backend.session is None and aclruntime.loaded_models() == 0
+
+
+def test_a_refused_model_is_unloaded_too(api, oms):
+    import aclruntime
+
+    with pytest.raises(OmModelError, match="--bs 4 but OM"):
+        OmBackend(str(oms["b8"]), "npu:0", B, 1)  # loaded, then its batch refused
+    assert aclruntime.loaded_models() == 0
+
+
+def test_model_path_depth_rule(api, oms, tmp_path):
+    """aclruntime (2024-08 on) refuses more than 32 '/' in the absolute path (PATH_DEPTH_MAX)."""
+    from ais_bench.infer.interface import InferSession
+
+    base = tmp_path.resolve()
+    at_limit = Path(base, *["d"] * (PATH_DEPTH_MAX - 1 - str(base).count("/")), "m.om")
+    too_deep = at_limit.parent / "e" / "m.om"
+    for om in (at_limit, too_deep):
+        om.parent.mkdir(parents=True, exist_ok=True)
+        om.write_bytes(oms["static"].read_bytes())
+        om.chmod(0o644)
+    assert str(at_limit).count("/") == 32 and str(too_deep).count("/") == 33
+    OmBackend(str(at_limit), "npu:0", B, 1).close()
+    with pytest.raises(OmModelError) as e:
+        OmBackend(str(too_deep), "npu:0", B, 1)
+    assert message(e) == (f"OM model path {too_deep} has 33 '/' separators; aclruntime refuses more than 32 "
+                          "(PATH_DEPTH_MAX): move it higher up, e.g. with --models-dir")
+    if api == "new":  # the fake's C++ side refuses it as the real one does
+        with pytest.raises(RuntimeError, match="please check model path"):
+            InferSession(0, str(too_deep))
+
+
+def test_fake_context_belongs_to_the_creating_thread_in_2023_builds(api, oms, capfd):
+    from ais_bench.infer.interface import InferSession
+
+    session = InferSession(0, str(oms["static"]))
+    x = crops(B)
+    errors: list[str] = []
+
+    def elsewhere() -> None:
+        try:
+            session.infer([x])
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    if api == "new":  # 2024 builds make the session's context current on every call
+        assert errors == []
+    else:
+        assert errors == ["[107002][ACL: context is null]"]
+        assert "[ERROR] aclrtMalloc failed, ret=107002" in capfd.readouterr().err
+    assert len(session.infer([x])) == 1  # the thread that made it still can
 
 
 def test_om_built_for_another_soc_fails_to_open(api, oms, monkeypatch):
@@ -254,4 +383,88 @@ def test_without_ais_bench_one_line_says_what_to_install(oms, monkeypatch):
         OmBackend(str(oms["static"]), "npu:0", B, 1)
     text = message(e)
     assert "install the ais_bench and aclruntime wheels" in text
-    assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in text
+    # both CANN layouts: ascend-toolkit/ up to 8.3, cann/ from 8.5
+    assert ("source /usr/local/Ascend/ascend-toolkit/set_env.sh (or /usr/local/Ascend/cann/set_env.sh on "
+            "CANN 8.5+)") in text
+
+
+# --- the Worker owns its backend on one thread (cluster.actor) ---
+
+def _worker(backend: str, model: Path, bs: int, **config):
+    from cluster.actor import Worker, WorkerConfig
+
+    device, kind = ("npu:0", "npu") if backend == "om" else ("cpu", "cpu")
+    return Worker(WorkerConfig(backend, str(model), device, device, kind, bs, 1, **config))
+
+
+@pytest.fixture(scope="module")
+def shard(synthetic_coco):
+    from cluster.actor import Shard
+    from tasks.dataset import load_boxes
+
+    boxes = load_boxes(synthetic_coco["dataroot"], synthetic_coco["dets"])
+    return Shard(0, boxes.boxes, boxes.image_paths)
+
+
+def test_worker_opens_runs_reopens_and_closes_the_session_on_its_device_thread(api, oms, tiny_onnx, shard,
+                                                                               monkeypatch):
+    """With the context bound to the thread that made the session (2023 builds; forced for `new` too),
+    opening in the constructor's thread or reopening in set_batch's would fail the first call."""
+    monkeypatch.setenv("FAKE_ACL_CONTEXT", "thread")  # before the fake is imported: it reads it then
+    import aclruntime
+
+    reference = _worker("onnxruntime", tiny_onnx, B)
+    expected = reference.run_shard(shard)
+    reference.close()
+    worker = _worker("om", oms["static"], B)
+    try:
+        assert aclruntime.CONTEXT == "thread" and aclruntime.loaded_models() == 1
+        first = worker.run_shard(shard)
+        worker.set_batch(str(oms["b2"]), 2)  # a sweep's next batch size: another static OM
+        assert aclruntime.loaded_models() == 1
+        second = worker.run_shard(shard)
+    finally:
+        worker.close()
+    assert aclruntime.loaded_models() == 0
+    for got in (first, second):
+        np.testing.assert_array_equal(got.box_ids, expected.box_ids)
+        np.testing.assert_array_equal(got.keypoints, expected.keypoints)
+    assert first.calls == 2 * 5 and second.calls == 2 * 9  # 18 boxes: batches of 4, then of 2; flip test
+
+
+def test_a_failed_reopen_leaves_no_model_loaded_and_the_error_raised(api, oms, shard):
+    import aclruntime
+
+    worker = _worker("om", oms["static"], B)
+    try:
+        with pytest.raises(OmModelError, match=f"--bs {B} but OM .*b8.om was built for batch 8"):
+            worker.set_batch(str(oms["b8"]), B)
+        assert aclruntime.loaded_models() == 0  # the old session closed first, the refused one unloaded
+        assert worker.backend is None and worker.config.model_path == str(oms["static"])
+        with pytest.raises(RuntimeError, match="no open session: the last set_batch failed to open its model"):
+            worker.run_shard(shard)
+        worker.set_batch(str(oms["static"]), B)  # a later set_batch opens again
+        assert len(worker.run_shard(shard).box_ids) == len(shard.boxes)
+    finally:
+        worker.close()
+    assert aclruntime.loaded_models() == 0
+
+
+def test_a_worker_that_cannot_open_fails_to_start_with_the_backends_error(api, oms):
+    with pytest.raises(OmModelError, match="was built for batch 8"):
+        _worker("om", oms["b8"], B)
+
+
+def test_set_batch_replaces_the_dump_dir(tiny_onnx, shard, tmp_path):
+    """A sweep with --dump-heatmaps writes each batch size into its own directory."""
+    worker = _worker("onnxruntime", tiny_onnx, B, dump_dir=str(tmp_path / "bs4"))
+    try:
+        worker.run_shard(shard)
+        worker.set_batch(str(tiny_onnx), 2, str(tmp_path / "bs2"))
+        worker.run_shard(shard)
+        worker.set_batch(str(tiny_onnx), 2, None)
+        worker.run_shard(shard)
+    finally:
+        worker.close()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz")) == \
+        ["bs2/shard-000000.npz", "bs4/shard-000000.npz"]

@@ -5,6 +5,15 @@ last crop and the padded rows are dropped. A dynamic-batch OM runs with
 ``mode='dymbatch'`` at the smallest gear that holds the crops; its gears come from
 the ``.json`` that ``tasks.atc.convert_to_om`` writes beside it. Device seconds are
 the model executions ais_bench timed (``exec_time_list``), copies excluded.
+
+Three ais_bench generations are in use and all work here: the 2023 Ascend/tools
+mirror (``sumary()``, no ``out_array``, no ``free_resource``), ait's 2023 packaged
+benchmark, which the prebuilt wheels carry (``sumary()``, ``out_array``, ``dymbatch``),
+and the source from 2024 on (``summary()``, ``free_resource()``). Before 2024-02 an
+``exec_time_list`` entry is one execution's duration in ms, since then a
+``(start_ms, end_ms)`` pair. In the 2023 builds the session's ACL context is current
+only on the thread that made it, so the caller must open, run and close a backend on
+one thread (``cluster.actor.Worker`` does).
 """
 from __future__ import annotations
 
@@ -12,17 +21,21 @@ import json
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
+from tasks.cann import SET_ENV
 from tasks.deploy import Variant
 from tasks.model import FASTPOSE
 
-SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+#: CANN's environment script in its two install layouts: ascend-toolkit/ (before CANN 8.5), cann/ (8.5 on).
+#: What an error line tells the user to source.
 OM_MAX_BYTES = 10 * 1024 ** 3
+#: aclruntime (2024-08 on) refuses a model path with more '/' than this (File::IsPathDepthValid).
+PATH_DEPTH_MAX = 32
 OUTPUT_CHW = (FASTPOSE.num_joints, *FASTPOSE.heatmap_hw)
 # ais_bench refuses model paths with other characters (path_security_check.py).
 _PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
@@ -33,10 +46,10 @@ class OmModelError(BackendUnavailable):
 
 
 def check_model_file(path: Path) -> None:
-    """Raise OmModelError if ais_bench (2024-09 onward) would refuse ``path`` (spec §1.2).
+    """Raise OmModelError if ais_bench (2024-08 onward) would refuse ``path`` (spec §1.2).
 
-    ais_bench raises a bare ``ValueError`` that points to its log; this names the
-    file, the rule and the fix.
+    ais_bench raises a bare ``ValueError`` (its Python checks) or ``RuntimeError``
+    (aclruntime's) that points to its log; this names the file, the rule and the fix.
     """
     full = Path(os.path.abspath(path))
     if not full.is_file():
@@ -49,6 +62,10 @@ def check_model_file(path: Path) -> None:
     if _PATH_CHARS.search(str(full)):
         raise OmModelError(f"OM model path {full} has characters ais_bench refuses (it allows A-Z a-z 0-9 _ - . /): "
                            "move it, e.g. with --models-dir")
+    depth = str(full).count("/")
+    if depth > PATH_DEPTH_MAX:
+        raise OmModelError(f"OM model path {full} has {depth} '/' separators; aclruntime refuses more than "
+                           f"{PATH_DEPTH_MAX} (PATH_DEPTH_MAX): move it higher up, e.g. with --models-dir")
     st = full.stat()
     if st.st_uid != os.geteuid() and st.st_gid not in os.getgroups():
         raise OmModelError(f"OM model {full} belongs to uid {st.st_uid} gid {st.st_gid}, neither this user nor "
@@ -73,6 +90,8 @@ def npu_index(device: str) -> int:
 
 
 class OmBackend:
+    """One ais_bench session; open, run and close it on one thread (module docstring)."""
+
     def __init__(self, model_path: str, device: str, batch_size: int, threads: int,
                  variant: Variant = Variant(), *, gears: Sequence[int] | None = None) -> None:
         """``gears``: those of a dynamic-batch OM, when it has no sidecar ``.json``."""
@@ -99,15 +118,16 @@ class OmBackend:
         self._item = tuple(variant.input_shape(0)[1:])
         try:
             self.gears = self._read_descriptors(gears)
-        except OmModelError:
+            # Method names, not bound methods: a bound method would keep the session
+            # (and its model on the device) alive after close().
+            self._summary_name, self._reset_name = summary_methods(self.session)
+        except BackendUnavailable:
             self.close()
             raise
-        self._summary = getattr(self.session, "summary", None) or self.session.sumary
-        self._seen = len(self._summary().exec_time_list)
-        # The 2023 ais_bench has no 'dymbatch' mode: select the gear, then run 'static'.
-        self._select_gear = None
-        if self.gears is not None and "out_array" not in _parameters(self.session.infer):
-            self._select_gear = self.session.set_dynamic_batchsize
+        # The 2023 Ascend/tools build has no 'dymbatch' mode (nor out_array, which came with it):
+        # there the gear is selected first and the call runs 'static'.
+        self._select_gear = self.gears is not None and "out_array" not in _parameters(self.session.infer)
+        self._reset()  # from an empty list: each call counts only its own executions
 
     def _read_descriptors(self, gears: Sequence[int] | None) -> tuple[int, ...] | None:
         """Check the OM's one input and one output; its gears when its batch is dynamic."""
@@ -156,22 +176,65 @@ class OmBackend:
             feed = np.concatenate([feed, np.repeat(feed[-1:], rows - n, axis=0)])
         if self.gears is None:
             outputs = self.session.infer([feed], "static")
-        elif self._select_gear is None:
-            outputs = self.session.infer([feed], "dymbatch")
-        else:
-            self._select_gear(rows)
+        elif self._select_gear:
+            self.session.set_dynamic_batchsize(rows)
             outputs = self.session.infer([feed], "static")
+        else:
+            outputs = self.session.infer([feed], "dymbatch")
         heatmaps = np.asarray(outputs[0], dtype=np.float32).reshape(rows, *OUTPUT_CHW)[:n]
-        times = self._summary().exec_time_list
-        seconds = sum(end - start for start, end in times[self._seen:]) / 1000
-        self._seen = len(times)
-        return heatmaps, seconds
+        return heatmaps, self._take_exec_ms() / 1000
+
+    def _take_exec_ms(self) -> float:
+        """The executions timed since the last call, in ms; then ais_bench's list is cleared.
+
+        Each read of ``exec_time_list`` copies the whole list (pybind ``def_readwrite``):
+        read once per call and reset, it stays one entry long, so a read costs the same
+        at the 200,000th call as at the first.
+        """
+        entries = getattr(self.session, self._summary_name)().exec_time_list
+        self._reset()
+        return execution_ms(entries)
+
+    def _reset(self) -> None:
+        getattr(self.session, self._reset_name)()
 
     def close(self) -> None:
-        # finalize() is process-wide (spec §1.8): left to whoever owns the process.
-        if self.session is not None and hasattr(self.session, "free_resource"):
-            self.session.free_resource()
-        self.session = None
+        """Unload the model: ``free_resource()`` where the build has it; dropping the session does the rest.
+
+        Builds without ``free_resource`` unload when the session object is destroyed,
+        so nothing here may keep a reference to it. ``finalize()`` is process-wide
+        (spec §1.8): left to whoever owns the process.
+        """
+        session, self.session = getattr(self, "session", None), None
+        if session is not None and hasattr(session, "free_resource"):
+            session.free_resource()
+
+
+def summary_methods(session) -> tuple[str, str]:
+    """The names of the session's summary and reset calls: 2024 builds spell them right, 2023 builds 'sumary'."""
+    for names in (("summary", "reset_summaryinfo"), ("sumary", "reset_sumaryinfo")):
+        if all(hasattr(session, name) for name in names):
+            return names
+    raise BackendUnavailable(f"om backend: this ais_bench InferSession has neither summary()/reset_summaryinfo() nor "
+                       f"sumary()/reset_sumaryinfo() ({type(session).__module__}): install the ais_bench "
+                       "and aclruntime wheels built together (docs/ascend.md)")
+
+
+def execution_ms(entries: Iterable) -> float:
+    """Total milliseconds of ``exec_time_list`` entries, summed in float64.
+
+    Before ais_bench 3ffe8a42 (2024-02) an entry is one execution's duration; since
+    then it is a ``(start, end)`` pair of float32 ms since the session was created, so
+    a long run's stamps are coarse (1/16 ms after 9 minutes, 1 ms after 2.3 hours) and only their difference is kept.
+    """
+    total = 0.0
+    for entry in entries:
+        if isinstance(entry, (tuple, list)):
+            start, end = entry
+            total += float(end) - float(start)
+        else:
+            total += float(entry)
+    return total
 
 
 def _dims(shape: tuple[int, ...]) -> str:

@@ -1,4 +1,4 @@
-"""A strict stand-in for Huawei's ``aclruntime`` extension (spec ascend.md §1.3, §1.4, §1.6).
+"""A strict stand-in for Huawei's ``aclruntime`` extension (spec ascend.md §1.3-§1.8), in the builds users have.
 
 No NPU here, so the "OM" is a fake one that ``tests/fakes/bin/atc`` writes: a JSON
 file that names the ONNX it came from and its input shape (static batch, or -1
@@ -11,9 +11,31 @@ outputs are real numbers, and keeps the rules the C++ side enforces:
 * inputs are read as raw memory from the address ``BaseTensor`` was given, as
   ``aclruntime.BaseTensor(ptr, nbytes)`` does: a non-contiguous array is garbage;
 * a dynamic-batch OM runs only after a gear was selected, and only a listed gear;
-* ``exec_time_list``: one ``(start_ms, end_ms)`` per execution (``loop`` per run),
-  gettimeofday milliseconds since the session was created.
+* ``sumary().exec_time_list`` is pybind's ``def_readwrite`` of a C++ vector of
+  float32: every read builds a new Python list of every execution so far, until
+  ``reset_sumaryinfo()`` clears it.
 
+The build generation is ``FAKE_AIS_BENCH_API`` (aclruntime and ais_bench are built
+from one source tree, so this module and the fake ais_bench read the same variable):
+
+* ``new``: ais_bench source from 2024-02 (3ffe8a42) on. ``exec_time_list`` holds one
+  ``(start_ms, end_ms)`` pair per execution, milliseconds since the session was
+  created; every binding call first makes the session's ACL context current on the
+  calling thread (``SetContext()``); ``free_resource()`` unloads the model; the
+  constructor refuses a model path with more than 32 ``/`` (``PATH_DEPTH_MAX``,
+  ``File::CheckFileBeforeRead``, 2024-08 on).
+* ``ait`` and ``old``: the 2023 builds (ait's packaged benchmark; the Ascend/tools
+  mirror). ``exec_time_list`` holds each execution's duration in ms
+  (``std::vector<float>``). The context is made current only in the constructor and
+  destructor, so it is current only on the thread that made the session: an
+  execution from another thread fails as ACL does without a current context
+  (``ACL_ERROR_RT_CONTEXT_NULL``, 107002; the message text here is ours). No
+  ``free_resource``: the model is unloaded when the session object is destroyed.
+
+Test knobs (not in aclruntime): ``FAKE_ACL_CONTEXT`` = ``thread`` | ``call`` overrides
+the generation's context rule; ``FAKE_ACL_EXEC_MS``, when set, is the time every
+execution is recorded as taking, so a test knows the device seconds to expect;
+``loaded_models()`` counts the models this process holds loaded.
 ``FAKE_ASCEND_SOC``, when set, is the chip this "host" has: an OM built for another
 soc_version fails to load like a real one does (spec §1.9). ``FAKE_ACL_LOG``, when
 set, is a file where each session appends one JSON line: pid, device_id and the
@@ -26,11 +48,37 @@ import enum
 import json
 import os
 import sys
+import threading
 import time
+from array import array
 
 import numpy as np
 
 FAKE_OM_FORMAT = "fake-om/1"
+GENERATION = os.environ.get("FAKE_AIS_BENCH_API", "new")
+if GENERATION not in ("new", "ait", "old"):
+    raise ImportError(f"FAKE_AIS_BENCH_API={GENERATION!r}: use new, ait or old")
+CONTEXT = os.environ.get("FAKE_ACL_CONTEXT") or ("call" if GENERATION == "new" else "thread")
+if CONTEXT not in ("call", "thread"):
+    raise ImportError(f"FAKE_ACL_CONTEXT={CONTEXT!r}: use call or thread")
+PATH_DEPTH_MAX = 32
+ACL_ERROR_RT_CONTEXT_NULL = 107002
+
+# ACL's process-wide state: the context current on each thread (here the device id
+# it belongs to) and the models loaded on the device.
+_current = threading.local()
+_loaded_lock = threading.Lock()
+_loaded = [0]
+
+
+def loaded_models() -> int:
+    """Models loaded in this process and not yet unloaded (a test hook; aclruntime has no such call)."""
+    return _loaded[0]
+
+
+def _count_load(delta: int) -> None:
+    with _loaded_lock:
+        _loaded[0] += delta
 
 
 class dtype(enum.Enum):  # noqa: N801 - the binding's name; str() is 'dtype.float32'
@@ -76,8 +124,41 @@ class session_options:  # noqa: N801
 
 
 class sumary:  # noqa: N801 - the binding's spelling
-    def __init__(self, exec_time_list: list[tuple[float, float]]) -> None:
-        self.exec_time_list = list(exec_time_list)
+    """``InferSumaryInfo``: the session returns this one object by reference, so it stays live.
+
+    The entries are float32, as the C++ vector holds them; a read converts all of
+    them to a new list (of tuples for pairs), an assignment replaces them.
+    """
+
+    def __init__(self) -> None:
+        self._starts = array("f")
+        self._ends = array("f")  # the durations, in a 2023 build
+
+    @property
+    def exec_time_list(self) -> list:
+        if GENERATION == "new":
+            return list(zip(self._starts, self._ends))
+        return list(self._ends)
+
+    @exec_time_list.setter
+    def exec_time_list(self, entries: list) -> None:
+        self.clear()
+        for entry in entries:
+            if GENERATION == "new":
+                self.record(*entry)
+            else:
+                self.record(0.0, entry)
+
+    def record(self, start_ms: float, end_ms: float) -> None:
+        """One execution: a (start, end) pair in a 2024 build, its duration before."""
+        if GENERATION == "new":
+            self._starts.append(start_ms)
+            self._ends.append(end_ms)
+        else:
+            self._ends.append(end_ms - start_ms)
+
+    def clear(self) -> None:
+        del self._starts[:], self._ends[:]
 
 
 class BaseTensor:
@@ -93,10 +174,10 @@ class BaseTensor:
 class Tensor:
     """An output tensor; ``np.array(t)`` after ``t.to_host()`` gives the data."""
 
-    def __init__(self, array: np.ndarray) -> None:
-        self._array = array
+    def __init__(self, array_: np.ndarray) -> None:
+        self._array = array_
         self._on_host = False
-        self.shape = list(array.shape)
+        self.shape = list(array_.shape)
 
     def to_host(self) -> None:
         self._on_host = True
@@ -110,14 +191,18 @@ class Tensor:
         return self._array if dtype is None else self._array.astype(dtype)
 
 
-class InferenceSession:
+class _Session2023:
+    """``aclruntime.InferenceSession`` of the 2023 builds (``ait`` and ``old``)."""
+
     def __init__(self, model_path: str, device_id: int, options: session_options) -> None:
         if not isinstance(model_path, str) or not isinstance(device_id, int):
             raise TypeError("InferenceSession(model_path: str, device_id: int, options: session_options)")
+        self._check_model_path(model_path)
+        _current.device = device_id  # Init(): SetContext on the constructing thread
         self._created_ms = time.time() * 1000
         self._options = options
-        self._exec: list[tuple[float, float]] = []
-        self._freed = False
+        self._sumary = sumary()
+        self._loaded = False
         self.device_id = device_id
         if os.environ.get("FAKE_ACL_LOG"):
             with open(os.environ["FAKE_ACL_LOG"], "a") as f:
@@ -130,6 +215,8 @@ class InferenceSession:
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         self._ort = ort.InferenceSession(self.om["onnx"], opts, providers=["CPUExecutionProvider"])
+        self._loaded = True
+        _count_load(+1)
         self.gears = self.om.get("gears")
         self._gear = None  # the selected batch of a dynamic-batch OM
         (inp,) = self._ort.get_inputs()
@@ -137,6 +224,29 @@ class InferenceSession:
             raise RuntimeError(f"fake OM input {self.om['input_name']!r} is not the ONNX input {inp.name!r}")
         self._in_dtype = _ONNX[inp.type]
         self._out = [(o.name, _ONNX[o.type], o.shape[1:]) for o in self._ort.get_outputs()]
+
+    def _check_model_path(self, model_path: str) -> None:
+        """The 2023 builds check nothing in C++ (the 2024 one does)."""
+
+    def __del__(self) -> None:
+        # ~PyInferenceSession -> Destroy(): SetContext, then unload, on whatever thread drops the last reference.
+        self._unload()
+
+    def _unload(self) -> None:
+        if getattr(self, "_loaded", False):
+            self._loaded = False
+            self._ort = None
+            _count_load(-1)
+
+    def _enter(self) -> None:
+        """What a call needs: the context current on this thread, set by the call or not at all."""
+        if CONTEXT == "call":
+            _current.device = self.device_id
+        elif getattr(_current, "device", None) != self.device_id:
+            print(f"[ERROR] aclrtMalloc failed, ret={ACL_ERROR_RT_CONTEXT_NULL}: no ACL context is current on "
+                  f"thread {threading.current_thread().name!r} (the session was made on another thread)",
+                  file=sys.stderr)
+            raise RuntimeError(f"[{ACL_ERROR_RT_CONTEXT_NULL}][ACL: context is null]")
 
     # descriptors
 
@@ -181,8 +291,20 @@ class InferenceSession:
     # execution
 
     def run(self, output_names: list[str], inputs: list[BaseTensor]) -> list[Tensor]:
-        if self._freed:
+        if not self._loaded:
             raise RuntimeError("[1][ACL:invalid parameter]: session resources were freed")
+        self._enter()
+        feeds = self._feeds(inputs)
+        outputs = None
+        fixed_ms = os.environ.get("FAKE_ACL_EXEC_MS")
+        for _ in range(self._options.loop):
+            start = time.time() * 1000 - self._created_ms
+            outputs = self._ort.run(None, feeds)
+            end = start + float(fixed_ms) if fixed_ms else time.time() * 1000 - self._created_ms
+            self._sumary.record(start, end)
+        return [Tensor(np.ascontiguousarray(o)) for o in outputs]
+
+    def _feeds(self, inputs: list[BaseTensor]) -> dict[str, np.ndarray]:
         descs = self.get_inputs()
         if len(inputs) != len(descs):
             raise RuntimeError(f"input count {len(inputs)} != model input count {len(descs)}")
@@ -200,26 +322,35 @@ class InferenceSession:
             raw = ctypes.string_at(tensor.ptr, tensor.size)
             kind = np.dtype(_NUMPY[desc.datatype])
             feeds[desc.name] = np.frombuffer(raw, kind).reshape(self._batch(True), *desc.shape[1:])
-        outputs = None
-        for _ in range(self._options.loop):
-            start = time.time() * 1000 - self._created_ms
-            outputs = self._ort.run(None, feeds)
-            self._exec.append((start, time.time() * 1000 - self._created_ms))
-        return [Tensor(np.ascontiguousarray(o)) for o in outputs]
+        return feeds
 
     def sumary(self) -> sumary:
-        return sumary(self._exec)
+        return self._sumary
 
     def reset_sumaryinfo(self) -> None:
-        self._exec.clear()
-
-    def free_resource(self) -> None:
-        self._freed = True
-        self._ort = None
+        self._sumary.clear()
 
     @staticmethod
     def finalize() -> None:
         pass
+
+
+class _Session2024(_Session2023):
+    """``aclruntime.InferenceSession`` of the 2024+ builds (``new``)."""
+
+    def _check_model_path(self, model_path: str) -> None:
+        # File::CheckFileBeforeRead: the rest of its rules the Python wrapper checks first.
+        depth = os.path.abspath(model_path).count("/")
+        if depth > PATH_DEPTH_MAX:
+            print(f"[ERROR] path depth invalid ({depth} > {PATH_DEPTH_MAX})", file=sys.stderr)
+            print("[ERROR] model path illegal, please check.", file=sys.stderr)
+            raise RuntimeError("please check model path")
+
+    def free_resource(self) -> None:
+        self._unload()
+
+
+InferenceSession = _Session2024 if GENERATION == "new" else _Session2023
 
 
 def _load_om(path: str) -> dict:

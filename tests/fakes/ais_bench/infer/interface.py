@@ -1,20 +1,27 @@
-"""Fake ``ais_bench.infer.interface.InferSession`` in the two API versions of spec ascend.md §1.
+"""Fake ``ais_bench.infer.interface.InferSession`` in the three API versions users have (spec ascend.md §1).
 
-``FAKE_AIS_BENCH_API`` (read at import) picks one:
+``FAKE_AIS_BENCH_API`` (read at import, by the fake ``aclruntime`` too) picks one:
 
-* ``new`` (default; ais_bench 2024-09 onward): model-file and argument checks before
-  any device work, ``infer(feeds, mode='static', custom_sizes=100000, out_array=True)``
-  with modes static/dymbatch/dymhw/dymdims/dymshape, ``summary()``,
-  ``reset_summaryinfo()``, ``free_resource()``, static ``finalize()``.
+* ``new`` (ais_bench 2024-09 onward, built from source): model-file and argument
+  checks before any device work, ``infer(feeds, mode='static', custom_sizes=100000,
+  out_array=True)`` with modes static/dymbatch/dymhw/dymdims/dymshape, ``summary()``
+  whose ``exec_time_list`` holds ``(start_ms, end_ms)`` pairs, ``reset_summaryinfo()``,
+  ``free_resource()``, static ``finalize()``.
+* ``ait`` (2023, ait's packaged benchmark, as the prebuilt 0.0.2 wheels carry it):
+  no argument checks, ``infer(feeds, mode='static', custom_sizes=100000,
+  out_array=True)`` with static/dymbatch/dymhw/dymdims/dymshape, ``sumary()`` whose
+  ``exec_time_list`` holds durations in ms, ``reset_sumaryinfo()``, a
+  ``free_resource()`` that does nothing (its aclruntime has none), static ``finalize()``.
 * ``old`` (the 2023 GitHub mirror of Ascend/tools): ``infer(feeds, mode='static',
-  custom_sizes=100000)`` with static/dymshape/dymdims only, ``sumary()``,
-  ``reset_sumaryinfo()``, no ``free_resource``; a gear is selected with
+  custom_sizes=100000)`` with static/dymshape/dymdims only, ``sumary()`` with
+  durations, ``reset_sumaryinfo()``, no ``free_resource``; a gear is selected with
   ``set_dynamic_batchsize`` and kept by a later ``mode='static'`` call.
 
-Both wrap the fake ``aclruntime`` exactly as the real wrapper wraps the real one.
-Where the 2023 source checked nothing, the old fake is deliberately stricter (feeds
+All wrap the fake ``aclruntime`` exactly as the real wrapper wraps the real one; in
+the two 2023 versions its context belongs to the thread that made the session.
+Where the 2023 sources checked nothing, the fakes are deliberately stricter (feeds
 must be a list, device_id a Python int, unknown modes raise) so that a backend that
-passes it also passes the lenient original; those spots say "stricter".
+passes them also passes the lenient originals; those spots say "stricter".
 """
 from __future__ import annotations
 
@@ -26,8 +33,8 @@ import aclruntime
 import numpy as np
 
 API = os.environ.get("FAKE_AIS_BENCH_API", "new")
-if API not in ("new", "old"):
-    raise ImportError(f"FAKE_AIS_BENCH_API={API!r}: use new or old")
+if API not in ("new", "ait", "old"):
+    raise ImportError(f"FAKE_AIS_BENCH_API={API!r}: use new, ait or old")
 
 OM_MODEL_MAX_SIZE = 10 * 1024 ** 3
 _PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
@@ -125,41 +132,36 @@ class _Common:
         return [np.array(t) for t in outputs]
 
 
-class _NewInferSession(_Common):
-    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
-                 loop: int = 1) -> None:
-        check_model_path_legality(model_path)
-        check_device_range_valid(device_id)
-        if not isinstance(loop, int) or loop <= 0:
-            raise TypeError(f"value:{loop} is not a integer!")
-        super().__init__(device_id, model_path, acl_json_path, debug, loop)
+def _arrays(feeds) -> tuple[list[np.ndarray], list]:
+    """The feeds as C-contiguous arrays and their shapes, as ``infer()`` of 2023-ait and 2024 prepares them."""
+    inputs, shapes = [], []
+    for feed in feeds:
+        if isinstance(feed, np.ndarray):
+            array = feed if feed.flags.c_contiguous else np.ascontiguousarray(feed)
+            shapes.append(array.shape)
+        elif type(feed) in NP_TYPE_LIST:
+            array = np.array(feed)
+            shapes.append([feed.size])
+        else:
+            raise RuntimeError(f"type:{type(feed)} invalid")
+        inputs.append(array)
+    return inputs, shapes
 
-    @staticmethod
-    def finalize() -> None:
-        aclruntime.InferenceSession.finalize()
 
-    def infer(self, feeds, mode="static", custom_sizes=100000, out_array=True):
-        check_list(feeds)
-        if not isinstance(out_array, bool):
-            raise TypeError(f"value:{out_array} is not a bool!")
-        check_custom_size(custom_sizes, mode)
-        inputs, shapes = [], []
-        for feed in feeds:
-            if isinstance(feed, np.ndarray):
-                array = feed if feed.flags.c_contiguous else np.ascontiguousarray(feed)
-                shapes.append(array.shape)
-            elif type(feed) in NP_TYPE_LIST:
-                array = np.array(feed)
-                shapes.append([feed.size])
-            else:
-                raise RuntimeError(f"type:{type(feed)} invalid")
-            inputs.append(array)
+class _OutArrayInfer(_Common):
+    """``infer()`` with ``out_array`` and the dymbatch mode: ait's 2023 benchmark and ais_bench 2024."""
+
+    def _infer(self, feeds, mode: str, out_array: bool):
+        inputs, shapes = _arrays(feeds)
         if mode == "static":
             self.set_staticbatch()
         elif mode == "dymbatch":
             self._dymbatch_prepare(shapes)
-        else:
+        elif mode in ("dymhw", "dymdims", "dymshape"):
             raise RuntimeError(f"fake ais_bench: mode {mode!r} is valid but not modelled by this fake")
+        else:
+            raise RuntimeError(f"wrong infer_mode:{mode}, only support \"static\",\"dymbatch\",\"dymhw\", "
+                               "\"dymdims\",\"dymshape\"")
         return self.run(inputs, out_array)
 
     def _dymbatch_prepare(self, shapes) -> None:
@@ -175,15 +177,55 @@ class _NewInferSession(_Common):
                     raise RuntimeError("input datas and intensors dim not matched!")
         raise RuntimeError("not a dymbatch model!")
 
+    def free_resource(self) -> None:
+        if hasattr(self.session, "free_resource"):  # the 2023 aclruntime has none: a no-op there
+            self.session.free_resource()
+
+    @staticmethod
+    def finalize() -> None:
+        if hasattr(aclruntime.InferenceSession, "finalize"):
+            aclruntime.InferenceSession.finalize()
+
+
+class _NewInferSession(_OutArrayInfer):
+    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
+                 loop: int = 1) -> None:
+        check_model_path_legality(model_path)
+        check_device_range_valid(device_id)
+        if not isinstance(loop, int) or loop <= 0:
+            raise TypeError(f"value:{loop} is not a integer!")
+        super().__init__(device_id, model_path, acl_json_path, debug, loop)
+
+    def infer(self, feeds, mode="static", custom_sizes=100000, out_array=True):
+        check_list(feeds)
+        if not isinstance(out_array, bool):
+            raise TypeError(f"value:{out_array} is not a bool!")
+        check_custom_size(custom_sizes, mode)
+        return self._infer(feeds, mode, out_array)
+
     def summary(self):
         return self.session.sumary()
 
     def reset_summaryinfo(self) -> None:
         self.session.reset_sumaryinfo()
 
-    def free_resource(self) -> None:
-        if hasattr(self.session, "free_resource"):
-            self.session.free_resource()
+
+class _AitInferSession(_OutArrayInfer):
+    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
+                 loop: int = 1) -> None:
+        check_device_range_valid(device_id)  # stricter: the 2023 source passed it to pybind as is
+        super().__init__(device_id, model_path, acl_json_path, debug, loop)
+
+    def infer(self, feeds, mode="static", custom_sizes=100000, out_array=True):
+        if not isinstance(feeds, list):  # stricter: the 2023 source iterated any sequence
+            raise RuntimeError(f"type:{type(feeds)} invalid")
+        return self._infer(feeds, mode, out_array)
+
+    def sumary(self):
+        return self.session.sumary()
+
+    def reset_sumaryinfo(self) -> None:
+        self.session.reset_sumaryinfo()
 
 
 class _OldInferSession(_Common):
@@ -218,4 +260,4 @@ class _OldInferSession(_Common):
             self.session.finalize()
 
 
-InferSession = _NewInferSession if API == "new" else _OldInferSession
+InferSession = {"new": _NewInferSession, "ait": _AitInferSession, "old": _OldInferSession}[API]
