@@ -48,6 +48,7 @@ class WorkerConfig:
     dump_dir: str | None = None  # write merged heatmaps here, per shard
     variant: Variant = Variant()  # what the model file computes (tasks.deploy)
     sim_rate: float = 0.0  # network inputs per second, for the sim backend
+    opencv_threads: int = 0  # OpenCV's pool in this process (cluster.placement.opencv_threads); 0: its default
 
 
 @dataclass
@@ -99,6 +100,10 @@ class _ImageCache:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        if config.opencv_threads:
+            import cv2
+
+            cv2.setNumThreads(config.opencv_threads)
         self.backend = None  # the device thread's: it opens, runs and closes it
         # One thread owns the session: ais_bench sessions are not thread-safe, and before
         # 2024 the ACL context is current only on the thread that made the session. That

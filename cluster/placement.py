@@ -92,3 +92,16 @@ def name_devices(described: list[dict], devices: list[Device], existing: bool) -
     return [f"{x}@{d['node']}" if x in repeated else x for x, d in zip(labels, described)]
 
 
+
+
+def opencv_threads(prep: int, in_process: str, backend: str, cpus_per_worker: float) -> int:
+    """OpenCV's own thread pool in one worker: its share of the host's cores over its prep threads.
+
+    Each prep thread decodes and warps with OpenCV, which by default parallelises every
+    call over all of the host's cores: with N workers of P prep threads that is N x P x
+    cores threads on the same cores. A backend computing on the CPU keeps the share for
+    itself, so OpenCV gets one thread there.
+    """
+    if in_process == "cpu" and backend != "sim":
+        return 1
+    return max(1, int(cpus_per_worker) // max(1, prep))

@@ -56,6 +56,10 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="scale over 1..N sim devices (0: skip the scaling part)")
     p.add_argument("--sim-seconds", type=float, default=6.0,
                    help="about how long each scaling run lasts at the ideal rate")
+    p.add_argument("--scale", type=int, default=0, metavar="N",
+                   help="instead: N synthetic boxes on up to 5,000 images of 480x640 (written once into "
+                        "--models-dir) through --sim-devices sim devices; prints where the whole command's time "
+                        "goes and the driver's peak memory. Several --bs run a sweep")
     p.add_argument("--rounds", type=int, default=3, metavar="R",
                    help="full runs, each between two bare measurements (default 3)")
     p.add_argument("--skip-bare", action="store_true", help="only the scaling part")
@@ -143,9 +147,79 @@ def scaling(cfg: RunConfig, max_devices: int, seconds: float, out: Path, log) ->
             "boxes": boxes, "runs": rows}
 
 
+#: val2017's image count: the scale set spreads its boxes over at most this many images.
+SCALE_IMAGES = 5000
+
+
+def scale_set(models_dir: str, boxes: int, seed: int) -> dict:
+    """``boxes`` synthetic person boxes on up to 5,000 JPEGs of 480x640, written once and reused."""
+    from tasks.synthetic import write_synthetic_coco
+
+    root = Path(models_dir) / "scale" / f"n{boxes}-seed{seed}"
+    paths = {"dataroot": str(root), "dets": str(root / "detections" / "dets.json")}
+    if not Path(paths["dets"]).exists():  # written last: its presence means the set is whole
+        write_synthetic_coco(root, boxes, seed=seed, persons_per_image=math.ceil(boxes / SCALE_IMAGES),
+                             image_hw=(480, 640), extra_dets_per_image=0)
+    return paths
+
+
+def _run_in_child(cfg: RunConfig) -> list:
+    """The run (or sweep) in a fresh process, so its peak memory is the driver's alone."""
+    from runner.sweep import run_sweep
+
+    return run_sweep(cfg) if len(cfg.bs) > 1 else [run(cfg)]
+
+
+def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
+    """Where the whole command's time goes at ``boxes`` boxes on sim devices, and the driver's memory."""
+    from runner.inputs import random_checkpoint
+    from tasks.evaluation import evaluate_keypoints
+
+    coco = scale_set(cfg.models_dir, boxes, cfg.seed)
+    run_cfg = dataclasses.replace(cfg, dataroot=coco["dataroot"], dets=coco["dets"], boxes=None, synthetic=0,
+                                  weights=random_checkpoint(cfg.models_dir, cfg.seed), backend="sim",
+                                  devices=f"cpu:{max(1, sim_devices)}", out=str(Path(cfg.out) / f"scale-{boxes}"),
+                                  overwrite=True, resume=False, quiet=True)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = pool.submit(_run_in_child, run_cfg).result()
+    command = time.perf_counter() - t0
+    runs = []
+    for outcome in outcomes:
+        run_json = json.loads((outcome.out / "run.json").read_text())
+        phases = outcome.phases if len(outcomes) == 1 else run_json["phases_seconds"]
+        window = phases.get("dispatch_window", 0.0)
+        runs.append({"bs": run_json["bs"], "phases_seconds": phases, "dispatch_window_s": window,
+                     "outside_window_s": sum(phases.values()) - window,
+                     "e2e_crops_per_s": outcome.throughput["totals"]["e2e_crops_per_s"],
+                     "driver_peak_rss_mb": run_json["driver_peak_rss_mb"], "out": str(outcome.out)})
+    last = outcomes[-1]
+    results = json.loads((last.out / "keypoints.json").read_text())
+    t1 = time.perf_counter()
+    stats = evaluate_keypoints(str(Path(coco["dataroot"]) / "annotations" / "person_keypoints_val2017.json"),
+                               results, cfg.evaluator)
+    evaluation = time.perf_counter() - t1
+    for r in runs:
+        log(f"bs {r['bs']}: dispatch window {r['dispatch_window_s']:.1f} s, outside it {r['outside_window_s']:.1f} s "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in r['phases_seconds'].items() if k != 'dispatch_window')}); "
+            f"{r['e2e_crops_per_s']:.0f} crops/s in the window")
+    peak = max(r["driver_peak_rss_mb"] for r in runs)
+    log(f"{boxes} boxes on {sim_devices} sim devices: the whole command {command:.1f} s (its process start "
+        f"included), driver peak RSS {peak:.0f} MiB; {stats['evaluator']} on {len(results)} results (not part "
+        f"of a sim run): {evaluation:.1f} s")
+    return {"boxes": boxes, "sim_devices": sim_devices, "sim_rate": cfg.sim_rate, "command_seconds": command,
+            "driver_peak_rss_mb": peak, "evaluation_seconds": evaluation, "evaluator": stats["evaluator"],
+            "results": len(results), "runs": runs}
+
+
 def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.scale:
+        figures = {"host_cpus": os.cpu_count(), "scale": scale(cfg, args.scale, args.sim_devices, log)}
+        atomic_write_text(out / "bench.json", json.dumps(figures, indent=1))
+        print(json.dumps(figures))
+        return figures
     if len(cfg.bs) != 1:
         raise RunError("bench takes one --bs")
     figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.flip, "fused_flip": cfg.fused_flip}

@@ -19,7 +19,7 @@ from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
 from cluster.devices import Device
 from cluster.dispatch import DispatchReport, dispatch
 from cluster.errors import AllDevicesLost, Stopped
-from cluster.placement import Placement, compute_device, prep_threads
+from cluster.placement import Placement, compute_device, opencv_threads, prep_threads
 from cluster.pool import ActorPool, actor_pool
 from cluster.reducer import format_throughput, merge_shards, throughput
 from cluster.session import Session
@@ -29,11 +29,12 @@ from runner.errors import Interrupted, RunError
 from runner.inputs import (Inputs, choose_backend, load_inputs, prepare_model, settle_uint8_input, soc_version,
                            variant_of)
 from runner.journal import Journal
-from runner.outputs import TIMING_SCOPE, format_metrics, iso_time, prepare_out, versions, write_json
+from runner.outputs import (TIMING_SCOPE, Laps, format_metrics, iso_time, peak_rss_mb, prepare_out, versions,
+                            write_json, write_results)
 from runner.progress import Progress
 from tasks.dataset import BoxSet
-from tasks.evaluation import evaluate_keypoints, pose_records, rescore_and_nms
-from tasks.model import file_sha256
+from tasks.evaluation import evaluate_keypoints, nms_rows, pose_columns
+from tasks.spec import file_sha256
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RunOutcome:
     metrics: dict
     throughput: dict
     lost_devices: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the run (outputs.Laps)
 
 
 # ---------------------------------------------------------------- inputs
@@ -99,17 +101,25 @@ def run(cfg: RunConfig, log=print) -> RunOutcome:
     from runner.detect import plan_detection, run_planned_detection
 
     log = (lambda *a, **k: None) if cfg.quiet else log
+    laps = Laps()
     out = prepare_out(cfg)
     plan = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
     inputs = None if plan else load_inputs(cfg)
+    laps.mark("inputs")
     with session_for(cfg) as session:
+        laps.mark("ray_start")
         backend = choose_backend(cfg.backend, session.devices)
         cfg = settle_uint8_input(cfg, backend, session.devices)
         if plan:
             run_planned_detection(plan, session, cfg, backend, log)
             inputs = load_inputs(cfg)
+            laps.mark("detection")
         with actor_pool(session, Worker, backend, cfg.threads) as pool:
             outcome = run_batch(cfg, session, pool, inputs, backend, cfg.bs[0], out, log)
+            laps.mark("run")
+    laps.mark("ray_stop")
+    run_laps = laps.seconds.pop("run")
+    outcome.phases = {**laps.seconds, **outcome.phases, "other": run_laps - sum(outcome.phases.values())}
     log(format_throughput(outcome.throughput))
     log(format_metrics(outcome.metrics))
     return outcome
@@ -125,9 +135,10 @@ def ready_workers(cfg: RunConfig, session: Session, pool: ActorPool, backend: st
     dump_dir = str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None
     if not pool.started:
         def worker_config(p: Placement) -> WorkerConfig:
-            return WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads,
-                                prep_threads(cfg.prep_threads, p.in_process, backend, session.cpus_per_worker),
-                                cfg.flip, dump_dir, variant_of(cfg), cfg.sim_rate)
+            prep = prep_threads(cfg.prep_threads, p.in_process, backend, session.cpus_per_worker)
+            return WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads, prep,
+                                cfg.flip, dump_dir, variant_of(cfg), cfg.sim_rate,
+                                opencv_threads(prep, p.in_process, backend, session.cpus_per_worker))
 
         described = pool.start(worker_config)
         log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
@@ -151,7 +162,9 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
     """
     box_set, weights, evaluated = inputs.box_set, inputs.weights, inputs.evaluated
     devices = session.devices
+    laps = Laps()
     model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
+    laps.mark("model")
     previous = Journal.previous_fingerprint(out / "journal") if cfg.resume else None
     # A resumed run keeps its shards, whatever the device count now.
     per_shard = (previous or {}).get("shard_boxes") or shard_boxes(len(box_set.boxes), bs, cfg.shard_size,
@@ -160,6 +173,7 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
                                                    per_shard))
     done = journal.start(cfg.resume)
     shards = make_shards(box_set, per_shard)
+    laps.mark("journal_and_shards")
     # A shard with skipped boxes runs again: the file may be readable now (a transient error, a fix).
     todo = deque(s for s in shards if s.id not in done or done[s.id].skipped)
     done = {k: r for k, r in done.items() if not r.skipped}
@@ -179,6 +193,7 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
     first_dispatch = last_result = time.time()
     if todo:
         described = ready_workers(cfg, session, pool, backend, model_path, bs, out, log)
+        laps.mark("workers")
         done_boxes = sum(len(r.box_ids) for r in done.values())
         progress = Progress(len(box_set.boxes), done_boxes, [d["device"] for d in described], len(shards),
                             quiet=cfg.quiet, log=log, title=f"bs {bs} ")
@@ -210,6 +225,7 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
             raise RunError(f"{e}; finished shards are kept: rerun the same command with --resume") from None
         finally:
             progress.close()
+        laps.mark("dispatch_window")
     for d in described:
         d["lost"] = d["device"] in report.lost
         if d["lost"]:
@@ -218,9 +234,13 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
         write_json(out / "devices.json", described)
 
     merged = merge_shards(list(done.values()) + fresh)
-    records = pose_records(box_set.boxes, merged.box_ids, merged.keypoints, merged.crop_boxes)
-    final = rescore_and_nms(records)
-    write_json(out / "keypoints.json", final)
+    # Columns until the file is written: the dicts of 100,000 results would hold ~400 MB at once.
+    columns = pose_columns(box_set.boxes, merged.box_ids, merged.keypoints, merged.crop_boxes)
+    laps.mark("merge_and_records")
+    kept, scores = nms_rows(columns.image_ids, columns.scores, columns.keypoints, columns.areas)
+    laps.mark("oks_nms")
+    write_results(out / "keypoints.json", columns, kept, scores)
+    laps.mark("write_keypoints")
 
     skipped = [{"box_index": s.box_index, "image_id": s.image_id, "reason": s.reason} for s in box_set.skipped]
     by_id = {b.id: b for b in box_set.boxes}
@@ -228,17 +248,19 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
                 for i, reason in sorted(merged.skipped + failed)]
     metrics = {"evaluated": evaluated and backend != "sim"}
     if metrics["evaluated"]:
-        metrics.update(evaluate_keypoints(box_set.ann_file, final, cfg.evaluator))
+        metrics.update(evaluate_keypoints(box_set.ann_file, columns.records(kept, scores), cfg.evaluator))
+        laps.mark("evaluation")
     else:
         metrics["accuracy"] = "n/a (simulated device)" if backend == "sim" else "n/a (no checkpoint)"
-    metrics.update({"boxes": len(box_set.boxes) + len(box_set.skipped), "results_before_nms": len(records),
-                    "results": len(final), "skipped": len(skipped), "complete": not skipped,
+    metrics.update({"boxes": len(box_set.boxes) + len(box_set.skipped), "results_before_nms": len(columns),
+                    "results": len(kept), "skipped": len(skipped), "complete": not skipped,
                     "skipped_boxes": skipped, "ann_file": box_set.ann_file, "box_source": box_set.source})
     write_json(out / "metrics.json", metrics)
 
     if fresh or not (out / "throughput.json").exists():
         tp = run_throughput(fresh, done, described, report, first_dispatch, last_result, out)
         write_json(out / "throughput.json", tp)
+        laps.mark("write_metrics_throughput")
         finished = time.time()
         write_json(out / "run.json", {
             "config": asdict(cfg), "bs": bs, "backend": backend, "model_path": model_path,
@@ -249,10 +271,12 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
             "box_source": box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
             "boxes": len(box_set.boxes), "skipped_boxes": len(box_set.skipped),
             "started": started, "finished": finished, "started_iso": iso_time(started), "finished_iso": iso_time(finished),
+            "phases_seconds": dict(laps.seconds), "driver_peak_rss_mb": peak_rss_mb(),
             "timing_scope": dict(tp["labels"], **TIMING_SCOPE)})
     else:  # a resume with nothing left to run: the figures of the run that computed it stay
         tp = json.loads((out / "throughput.json").read_text())
-    return RunOutcome(out, metrics, tp, list(tp.get("lost_devices", [])))
+    laps.mark("write_run")
+    return RunOutcome(out, metrics, tp, list(tp.get("lost_devices", [])), laps.seconds)
 
 
 def run_throughput(fresh: list[ShardResult], done: dict[int, ShardResult], described: list[dict],

@@ -36,20 +36,26 @@ def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
         root = Path(cfg.models_dir) / "synthetic" / f"n{cfg.synthetic}-seed{cfg.seed}"
         if not (root / "detections" / "dets.json").exists():
             write_synthetic_coco(root, cfg.synthetic, seed=cfg.seed, extra_dets_per_image=0)
-        weights = Path(cfg.models_dir) / f"fastpose-random-seed{cfg.seed}.pth"
-        if not weights.exists():
-            import torch
-
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            tmp = weights.with_suffix(".tmp")
-            torch.save(build_fastpose(seed=cfg.seed).state_dict(), tmp)
-            os.replace(tmp, weights)
-        return load_boxes(str(root), str(root / "detections" / "dets.json")), str(weights), False
+        weights = random_checkpoint(cfg.models_dir, cfg.seed)
+        return load_boxes(str(root), str(root / "detections" / "dets.json")), weights, False
     check_run_inputs(cfg)
     if cfg.dets and not Path(cfg.dets).exists():
         raise DataError(f"{cfg.dets}: detection file not found; give the right --dets, or --detector-weights "
                         "yolov3-spp.weights to write it with the detector first")
     return load_boxes(cfg.dataroot, cfg.dets, cfg.ann), cfg.weights, True
+
+
+def random_checkpoint(models_dir: str, seed: int) -> str:
+    """A seeded random FastPose in the released checkpoint's layout, written once into ``models_dir``."""
+    weights = Path(models_dir) / f"fastpose-random-seed{seed}.pth"
+    if not weights.exists():
+        import torch
+
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_suffix(".tmp")
+        torch.save(build_fastpose(seed=seed).state_dict(), tmp)
+        os.replace(tmp, weights)
+    return str(weights)
 
 
 def check_run_inputs(cfg: RunConfig) -> None:

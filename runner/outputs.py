@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from runner.config import RunConfig
 from runner.errors import RunError
-from runner.journal import atomic_write_text
-from tasks.evaluation import STAT_NAMES
+from runner.journal import atomic_write_parts, atomic_write_text
+from tasks.evaluation import STAT_NAMES, PoseColumns
+
 
 def prepare_out(cfg: RunConfig) -> Path:
     out = Path(cfg.out)
@@ -35,6 +40,23 @@ def prepare_out(cfg: RunConfig) -> Path:
 
 def write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
+
+
+#: Results turned into dicts and JSON at a time: ~20 MB of dicts, whatever the run's size.
+RESULTS_PER_CHUNK = 10_000
+
+
+def write_results(path: Path, columns: PoseColumns, rows: np.ndarray, scores: np.ndarray) -> None:
+    """keypoints.json: ``json.dumps(columns.records(rows, scores))`` to the byte, compact as upstream
+    writes its results, made a chunk of records at a time with json's C encoder."""
+    def parts():
+        yield "["
+        for k in range(0, len(rows), RESULTS_PER_CHUNK):
+            chunk = json.dumps(columns.records(rows[k:k + RESULTS_PER_CHUNK], scores[k:k + RESULTS_PER_CHUNK]))
+            yield (", " if k else "") + chunk[1:-1]
+        yield "]"
+
+    atomic_write_parts(path, parts())
 
 
 def versions() -> dict:
@@ -96,8 +118,31 @@ TIMING_SCOPE = {
     "e2e window": "first shard dispatched to last shard result: excludes Ray start, worker start, model "
                   "conversion, merge, OKS-NMS and COCOeval",
     "device_seconds scope": "per backend call, timed inside the actor around the backend's run()",
+    "phases_seconds": "the driver's wall seconds per phase of this batch size, in order, up to writing run.json: "
+                      "model (conversion or cache), journal_and_shards, workers (start or switch), dispatch_window, "
+                      "merge_and_records, oks_nms, write_keypoints, evaluation, write_metrics_throughput",
+    "driver_peak_rss_mb": "the driver process's peak resident memory so far (MiB)",
 }
 
 
 def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+class Laps:
+    """Seconds between marks, by name: where a command's time goes (run.json's ``phases_seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """The time since the previous mark (or the start) was spent on ``name``."""
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

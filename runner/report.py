@@ -27,6 +27,12 @@ class SavedRun:
     model: str
     metrics: dict
     throughput: dict
+    phases: dict  # run.json's phases_seconds: the driver's seconds per phase ({} for older runs)
+
+
+def outside_window(phases: dict) -> float | None:
+    """The driver's seconds of a batch size outside its dispatch window (None: not recorded)."""
+    return sum(phases.values()) - phases.get("dispatch_window", 0.0) if phases else None
 
 
 def load_run(path: Path) -> SavedRun:
@@ -34,7 +40,7 @@ def load_run(path: Path) -> SavedRun:
     bs = run.get("bs") or run["config"]["bs"][0]
     model = run.get("model", {}).get("name", "FastPose ResNet-50 256x192")
     return SavedRun(path, int(bs), run["backend"], model, json.loads((path / "metrics.json").read_text()),
-                    json.loads((path / "throughput.json").read_text()))
+                    json.loads((path / "throughput.json").read_text()), run.get("phases_seconds", {}))
 
 
 def load_runs(path: str | Path) -> list[SavedRun]:
@@ -62,7 +68,7 @@ def summary_rows(runs: list[SavedRun]) -> list[dict]:
                      "device_crops": {d["id"]: d["crops"] for d in r.throughput["devices"]},
                      "sum_device_fps": t["sum_device_fps"], "e2e_boxes_per_s": t["e2e_boxes_per_s"],
                      "e2e_crops_per_s": t["e2e_crops_per_s"], "complete": r.metrics.get("complete", True),
-                     "dir": str(r.dir)})
+                     "outside_window_s": outside_window(r.phases), "dir": str(r.dir)})
     return rows
 
 
@@ -77,12 +83,13 @@ def _fmt_map(value) -> str:
 def table_columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     devices = _device_ids(rows)
     head = ["model", "backend", "bs", "mAP", *[f"{d} fps" for d in devices], "sum device fps",
-            "e2e boxes/s", "e2e crops/s"]
+            "e2e boxes/s", "e2e crops/s", "outside window s"]
     body = []
     for row in rows:
         fps = [f"{row['device_fps'][d]:.1f}" if row["device_crops"].get(d) else "-" for d in devices]
         body.append([row["model"], row["backend"], str(row["bs"]), _fmt_map(row["mAP"]), *fps,
-                     f"{row['sum_device_fps']:.1f}", f"{row['e2e_boxes_per_s']:.1f}", f"{row['e2e_crops_per_s']:.1f}"])
+                     f"{row['sum_device_fps']:.1f}", f"{row['e2e_boxes_per_s']:.1f}", f"{row['e2e_crops_per_s']:.1f}",
+                     "-" if row["outside_window_s"] is None else f"{row['outside_window_s']:.1f}"])
     return head, body
 
 

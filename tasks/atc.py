@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tasks.cann import SET_ENV
 from tasks.export import INPUT_NAME
-from tasks.model import FASTPOSE, file_sha256
+from tasks.spec import FASTPOSE, file_sha256
 
 SUCCESS_LINE = "ATC run success, welcome to the next use."
 #: Gears of a dynamic-batch OM when none are given (spec §3.4's example).

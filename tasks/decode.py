@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.model import FASTPOSE, ModelSpec
+from tasks.spec import FASTPOSE, ModelSpec
 from tasks.transforms import affine_matrix
 
 f32 = np.float32

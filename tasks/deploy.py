@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.model import FASTPOSE, ModelSpec
+from tasks.spec import FASTPOSE, ModelSpec
 
 F32_BYTES = 4
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.deploy import Variant, deployed_module
-from tasks.model import FASTPOSE, build_fastpose, file_sha256
+from tasks.model import build_fastpose
+from tasks.spec import FASTPOSE, file_sha256
 from tasks.transforms import crops_to_input
 
 INPUT_NAME = "image"

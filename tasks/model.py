@@ -5,38 +5,16 @@ and strictly: ``preact.*`` (backbone), ``duc1.*``, ``duc2.*``, ``conv_out.*``.
 """
 from __future__ import annotations
 
-import hashlib
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The constants that travel with the network: what it eats and what it returns."""
-
-    input_hw: tuple[int, int] = (256, 192)
-    heatmap_hw: tuple[int, int] = (64, 48)
-    num_joints: int = 17
-    #: Subtracted from R, G, B after /255; no std division (spec §3.5, trap T5).
-    mean_rgb: tuple[float, float, float] = (0.406, 0.457, 0.480)
-    #: Left/right joint pairs swapped when the crop is mirrored (COCO order, 0-based).
-    flip_pairs: tuple[tuple[int, int], ...] = (
-        (1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
-
-    def flip_order(self) -> list[int]:
-        """Joint j of a mirrored crop's heatmaps is joint ``flip_order()[j]`` of the original."""
-        order = list(range(self.num_joints))
-        for a, b in self.flip_pairs:
-            order[a], order[b] = b, a
-        return order
+from tasks.spec import FASTPOSE, ModelSpec
 
 
-FASTPOSE = ModelSpec()
 
 
 class SELayer(nn.Module):
@@ -258,11 +236,3 @@ def randomize_batchnorm(model: nn.Module, seed: int) -> None:
                 m.bias.copy_(0.1 * torch.randn(n, generator=g))
                 m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
                 m.running_var.copy_(1.0 + 0.1 * torch.rand(n, generator=g))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

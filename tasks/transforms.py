@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tasks.model import FASTPOSE, ModelSpec
+from tasks.spec import FASTPOSE, ModelSpec
 
 ASPECT_RATIO = 192 / 256  # input width / height
 SCALE_MULT = 1.25

@@ -108,7 +108,7 @@ def reference_keypoints(dataroot: str, dets: str, checkpoint: str) -> bytes:
         keypoints, _ = keypoints_for_batch(backend, batch)
         ids.append(batch.box_ids), kpts.append(keypoints), crop_boxes.append(batch.crop_boxes)
     records = pose_records(box_set.boxes, np.concatenate(ids), np.concatenate(kpts), np.concatenate(crop_boxes))
-    return json.dumps(rescore_and_nms(records), indent=1).encode()  # as runner.outputs.write_json
+    return json.dumps(rescore_and_nms(records)).encode()  # as runner.outputs.write_results
 
 
 def journalled_box_ids(out: Path) -> list[int]:

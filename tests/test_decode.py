@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from tasks.decode import decode_keypoints, flip_back, flip_merge, heatmap_argmax, heatmap_to_image
-from tasks.model import FASTPOSE
+from tasks.spec import FASTPOSE
 
 
 def test_flip_back_is_mirror_swap_and_clean_shift():

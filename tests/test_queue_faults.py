@@ -56,16 +56,9 @@ def resume_process(pid: int) -> None:
         pass
 
 
-def check_each_shard_once(out, data: dict, expected: bytes) -> dict:
-    assert (out / "keypoints.json").read_bytes() == expected
-    assert sorted(journalled_box_ids(out)) == data["box_ids"]
-    return check_throughput(out, len(data["box_ids"]))
-
-
-def test_a_frozen_worker_is_declared_lost_and_the_run_finishes(tmp_path, data, sim_expected):
-    out = tmp_path / "out"
-    started = time.monotonic()
-    proc = start_cli(data, out, *SIM, "--device-timeout", "3", "--straggler-factor", "0")
+def run_with_second_worker_frozen(data: dict, out, *flags: str) -> tuple[str, dict]:
+    """The CLI on two sim workers, the second frozen once a shard is journalled; (stdout, its entry)."""
+    proc = start_cli(data, out, *SIM, *flags)
     victim = None
     try:
         victim = freeze_second_worker(out)
@@ -75,6 +68,19 @@ def test_a_frozen_worker_is_declared_lost_and_the_run_finishes(tmp_path, data, s
         if victim:
             resume_process(victim["pid"])
     assert proc.returncode == 0, stderr[-3000:]
+    return stdout, victim
+
+
+def check_each_shard_once(out, data: dict, expected: bytes) -> dict:
+    assert (out / "keypoints.json").read_bytes() == expected
+    assert sorted(journalled_box_ids(out)) == data["box_ids"]
+    return check_throughput(out, len(data["box_ids"]))
+
+
+def test_a_frozen_worker_is_declared_lost_and_the_run_finishes(tmp_path, data, sim_expected):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    stdout, victim = run_with_second_worker_frozen(data, out, "--device-timeout", "3", "--straggler-factor", "0")
     assert time.monotonic() - started < 90
     lines = [line for line in stdout.splitlines() if line.startswith(f"device {victim['device']} lost (")]
     assert len(lines) == 1 and "(device timeout 3 s)" in lines[0], stdout[-3000:]
@@ -87,16 +93,8 @@ def test_a_frozen_worker_is_declared_lost_and_the_run_finishes(tmp_path, data, s
 
 def test_a_late_worker_is_overtaken_by_a_copy_and_each_shard_counts_once(tmp_path, data, sim_expected):
     out = tmp_path / "out"
-    proc = start_cli(data, out, *SIM, "--device-timeout", "0", "--straggler-factor", "2", "--straggler-floor", "1")
-    victim = None
-    try:
-        victim = freeze_second_worker(out)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        if victim:
-            resume_process(victim["pid"])
-    assert proc.returncode == 0, stderr[-3000:]
+    stdout, victim = run_with_second_worker_frozen(data, out, "--device-timeout", "0", "--straggler-factor", "2",
+                                                   "--straggler-floor", "1")
     tp = check_each_shard_once(out, data, sim_expected)
     copies = [line for line in stdout.splitlines() if line.startswith("shard ") and "a copy runs on" in line]
     other = next(d["id"] for d in tp["devices"] if d["id"] != victim["device"])

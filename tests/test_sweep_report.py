@@ -19,7 +19,7 @@ import pytest
 
 from conftest import COCO_MINI, COCO_MINI_DETS, REPO, SHARED
 from runner.report import PLOT_SIZE, compare, load_runs
-from tasks.model import file_sha256
+from tasks.spec import file_sha256
 
 SIZES = (1, 4)
 RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json")
@@ -88,8 +88,11 @@ def test_summary_rows_are_the_runs_figures(sweep):
     with open(out / "summary.csv", newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["model", "backend", "bs", "mAP", "cpu:0 fps", "cpu:1 fps", "sum device fps",
-                        "e2e boxes/s", "e2e crops/s"]
+                        "e2e boxes/s", "e2e crops/s", "outside window s"]
     assert [r[2] for r in table[1:]] == ["1", "4"]
+    for r, row in zip(table[1:], rows):  # the driver's time outside each batch size's dispatch window
+        phases = json.loads((Path(row["dir"]) / "run.json").read_text())["phases_seconds"]
+        assert r[9] == f"{sum(phases.values()) - phases['dispatch_window']:.1f}" and phases["dispatch_window"] > 0
     assert [r[3] for r in table[1:]] == [f"{row['mAP']:.4f}" for row in rows]
     assert [r[6] for r in table[1:]] == [f"{row['sum_device_fps']:.1f}" for row in rows]
     md = (out / "summary.md").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,23 @@ def test_warm_up_runs_full_batches_of_what_the_run_sends(variant, flip, calls, s
     assert [s[:2] for s in backend.seen] == [(shape, np.dtype(dtype))] * calls
     # black crops, normalised as a real batch would be (mirrored, they are the same)
     assert {s[2:] for s in backend.seen} == {(float(black.min()), float(black.max()))}
+
+
+def test_scale_bench_splits_the_whole_command(tmp_path):
+    """``bench --scale N``: its set on up to 5,000 images, each batch size's phases, memory and evaluation."""
+    proc = runner("bench", "--scale", "40", "--bs", "4,8", "--sim-devices", "2", "--sim-rate", "5000",
+                  "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "bench"))
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])["scale"]
+    assert figures["boxes"] == 40 and figures["sim_devices"] == 2 and figures["results"] > 0
+    assert [r["bs"] for r in figures["runs"]] == [4, 8]
+    for r in figures["runs"]:
+        run_json = json.loads((Path(r["out"]) / "run.json").read_text())
+        assert r["phases_seconds"] == run_json["phases_seconds"]
+        assert r["outside_window_s"] == pytest.approx(sum(r["phases_seconds"].values()) - r["dispatch_window_s"])
+        assert r["dispatch_window_s"] > 0 and run_json["backend"] == "sim"
+        assert json.loads((Path(r["out"]) / "throughput.json").read_text())["totals"]["boxes"] == 40
+    assert 100 < figures["driver_peak_rss_mb"] < 4000 and figures["evaluation_seconds"] > 0
+    ann = json.loads((tmp_path / "models" / "scale" / "n40-seed0" / "annotations" /
+                      "person_keypoints_val2017.json").read_text())
+    assert len(ann["images"]) == 40 and ann["images"][0]["height"] == 480  # one person per image below 5,000
+    assert "40 boxes on 2 sim devices: the whole command" in proc.stdout

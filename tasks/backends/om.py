@@ -29,7 +29,7 @@ import numpy as np
 from tasks.backends.base import BackendUnavailable
 from tasks.cann import SET_ENV
 from tasks.deploy import Variant
-from tasks.model import FASTPOSE
+from tasks.spec import FASTPOSE
 
 #: CANN's environment script in its two install layouts: ascend-toolkit/ (before CANN 8.5), cann/ (8.5 on).
 #: What an error line tells the user to source.

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from tasks.deploy import Variant
-from tasks.model import FASTPOSE
+from tasks.spec import FASTPOSE
 
 
 class SimBackend:
