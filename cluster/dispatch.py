@@ -19,7 +19,7 @@ the detector's ``DetectWorker``); shards need an ``id``.
 """
 from __future__ import annotations
 
-import statistics
+import bisect
 import threading
 import time
 from collections import Counter, deque
@@ -67,13 +67,21 @@ class _Task:
 
 
 def device_timeout(policy: DispatchPolicy, shard_seconds: list[float]) -> float | None:
-    """Seconds a worker holding shards may go without a result; None: no limit."""
+    """Seconds a worker holding shards may go without a result; None: no limit.
+
+    ``shard_seconds``: the times of the shards done so far, sorted."""
     if policy.device_timeout_s == 0:
         return None
     if policy.device_timeout_s:
         return policy.device_timeout_s
-    median = statistics.median(shard_seconds) if shard_seconds else 0.0
+    median = _median(shard_seconds) if shard_seconds else 0.0
     return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * median)
+
+
+def _median(ordered: list[float]) -> float:
+    """The median of an already sorted list, without sorting it again."""
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def classify(error: BaseException) -> str:
@@ -111,7 +119,7 @@ def dispatch(pool: ActorPool, shards: deque, on_result: Callable, log: Callable,
     attempts = Counter()  # shard id -> runs that raised
     avoid: dict[object, set[str]] = {}  # shard id -> workers it raised on
     failing_in_a_row = Counter()  # label -> distinct shards in a row that raised on it
-    shard_seconds: list[float] = []
+    shard_seconds: list[float] = []  # kept sorted: its median is read every poll
     causes: list[str] = []
 
     def send(label: str, shard, copy: bool = False) -> None:
@@ -179,7 +187,7 @@ def dispatch(pool: ActorPool, shards: deque, on_result: Callable, log: Callable,
     def accept(ref, task: _Task, result, now: float) -> None:
         finished.add(task.shard.id)
         failing_in_a_row[task.label] = 0
-        shard_seconds.append(now - task.sent)
+        bisect.insort(shard_seconds, now - task.sent)
         for other in in_flight(task.shard.id):  # the slower copy: its result is not wanted
             forget(other)
             try:
@@ -227,7 +235,7 @@ def dispatch(pool: ActorPool, shards: deque, on_result: Callable, log: Callable,
     def speculate(now: float) -> None:
         if pending or not policy.straggler_factor or not shard_seconds:
             return
-        limit = max(policy.straggler_floor_s, policy.straggler_factor * statistics.median(shard_seconds))
+        limit = max(policy.straggler_floor_s, policy.straggler_factor * _median(shard_seconds))
         for label in [x for x in pool.actors if not held[x]]:
             late = [t for t in tasks.values()
                     if t.label != label and t.shard.id not in copied and now - t.sent > limit]

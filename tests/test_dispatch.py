@@ -200,7 +200,8 @@ def test_stop_ends_the_dispatch_between_two_calls():
 
 def test_the_automatic_device_timeout():
     assert device_timeout(DispatchPolicy(), []) == 300.0
-    assert device_timeout(DispatchPolicy(), [50.0, 40.0, 60.0]) == 500.0
+    assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0]) == 500.0  # sorted, as dispatch keeps them
+    assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0, 70.0]) == 550.0
     assert device_timeout(DispatchPolicy(device_timeout_s=7), [50.0]) == 7
     assert device_timeout(DispatchPolicy(device_timeout_s=0), [50.0]) is None
 
