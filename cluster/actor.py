@@ -74,6 +74,17 @@ class ShardResult:
     bytes_from_device: int = 0
     started: float = 0.0  # unix time
     finished: float = 0.0
+    # device seconds of each backend call, in call order: the reducer's latency distribution
+    call_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    host_seconds: dict[str, float] = field(default_factory=dict)  # per stage, HOST_STAGES
+
+
+#: The host stages a shard times (seconds summed over its batches), by the thread that runs them.
+#: Prep threads: read_decode, crop, input. The shard's own thread: prep_wait, device_wait,
+#: flip_merge, decode_keypoints. What each counts: cluster.reducer.LABELS.
+PREP_STAGES = ("read_decode", "crop", "input")
+SHARD_STAGES = ("prep_wait", "device_wait", "flip_merge", "decode_keypoints")
+HOST_STAGES = PREP_STAGES + SHARD_STAGES
 
 
 class _ImageCache:
@@ -189,15 +200,24 @@ class Worker:
             except BaseException as e:  # raised again in the thread that queued it
                 done.set_exception(e)
 
-    def _run_batch(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+    def _run_batch(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float, float, list[float]]:
+        """(outputs, device seconds, seconds held, device seconds of each call)."""
         if self.backend is None:
             raise RuntimeError(f"{self.config.label}: no open session: the last set_batch failed to open its model")
         t0 = time.perf_counter()
-        outputs, seconds = run_network(self.backend, inputs)
-        return outputs, seconds, time.perf_counter() - t0
+        # one run_network per input array, so each call's own device seconds are kept
+        calls = [run_network(self.backend, [x]) for x in inputs]
+        held = time.perf_counter() - t0
+        per_call = [s for _, s in calls]
+        return [y for ys, _ in calls for y in ys], sum(per_call), held, per_call
 
-    def _prepare(self, boxes: list[Box], paths: dict[int, str]) -> tuple[PreparedBatch | None, list, list, Future]:
-        """All host work of one batch before the device; then the batch is queued for the device thread."""
+    def _prepare(self, boxes: list[Box], paths: dict[int, str]
+                 ) -> tuple[PreparedBatch | None, list, list, Future, dict[str, float]]:
+        """All host work of one batch before the device; then the batch is queued for the device thread.
+
+        The last item is this batch's seconds per prep stage (PREP_STAGES).
+        """
+        t0 = time.perf_counter()
         images, skipped = {}, []
         for image_id in dict.fromkeys(b.image_id for b in boxes):
             try:
@@ -206,12 +226,15 @@ class Worker:
                 skipped += [(b.id, str(e)) for b in boxes if b.image_id == image_id]
         usable = [b for b in boxes if b.image_id in images]
         on_device: Future = Future()
+        t1 = time.perf_counter()
         if not usable:
-            return None, skipped, [], on_device
+            return None, skipped, [], on_device, {"read_decode": t1 - t0}
         prepared = prepare_batch(usable, images)
+        t2 = time.perf_counter()
         inputs = network_inputs(prepared.crops, self.config.variant, self.config.flip)
+        t3 = time.perf_counter()
         self._queue.put((inputs, on_device))
-        return prepared, skipped, inputs, on_device
+        return prepared, skipped, inputs, on_device, {"read_decode": t1 - t0, "crop": t2 - t1, "input": t3 - t2}
 
     def run_shard(self, shard: Shard) -> ShardResult:
         cfg = self.config
@@ -220,16 +243,29 @@ class Worker:
         futures = [self._prep.submit(self._prepare, b, shard.image_paths) for b in batches]
         result = ShardResult(shard.id, cfg.label, np.zeros(0, np.int64),
                              np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=started)
-        ids, kpts, crop_boxes, dumps = [], [], [], []
+        ids, kpts, crop_boxes, dumps, per_call = [], [], [], [], []
+        stages = dict.fromkeys(HOST_STAGES, 0.0)
         for future in futures:
-            prepared, skipped, inputs, on_device = future.result()
+            t0 = time.perf_counter()
+            prepared, skipped, inputs, on_device, prep_seconds = future.result()
+            t1 = time.perf_counter()
+            stages["prep_wait"] += t1 - t0
+            for stage, s in prep_seconds.items():
+                stages[stage] += s
             result.skipped += skipped
             if prepared is None:
                 continue
-            outputs, seconds, held = on_device.result()
+            outputs, seconds, held, call_seconds = on_device.result()
+            t2 = time.perf_counter()
             # merge and decode here, while the device thread runs the next batch
             inferred = merge_outputs(cfg.variant, inputs, outputs, seconds)
+            t3 = time.perf_counter()
             keypoints = decode_keypoints(inferred.heatmaps, prepared.crop_boxes)
+            t4 = time.perf_counter()
+            stages["device_wait"] += t2 - t1
+            stages["flip_merge"] += t3 - t2
+            stages["decode_keypoints"] += t4 - t3
+            per_call += call_seconds
             result.busy_seconds += held
             result.device_seconds += inferred.device_seconds
             result.crops += inferred.crops
@@ -247,6 +283,8 @@ class Worker:
         if cfg.dump_dir and dumps:
             _save_npz(Path(cfg.dump_dir) / f"shard-{shard.id:06d}.npz",
                       box_ids=result.box_ids, heatmaps=np.concatenate(dumps))
+        result.call_seconds = np.asarray(per_call, np.float32)
+        result.host_seconds = stages
         result.finished = time.time()
         return result
 

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.actor import ShardResult
+from cluster.actor import HOST_STAGES, ShardResult
+
+#: The distribution ``call_ms`` gives, and numpy's percentile method (linear interpolation
+#: between the two nearest calls: numpy's default, the one ais_bench's and perf_analyzer's
+#: nearest-rank figures approach as calls grow).
+CALL_STATS = ("n", "min", "mean", "p50", "p90", "p99", "max")
+PERCENTILE_METHOD = "linear"
 
 #: What each throughput figure counts; written next to the figures.
 LABELS = {
@@ -33,7 +39,56 @@ LABELS = {
     "sum_device_fps": "sum of per-device device_fps (ais_bench's multi-device 'summary throughput')",
     "e2e_boxes_per_s": "all boxes / wall time from first dispatch to last result",
     "e2e_crops_per_s": "all crops / wall time from first dispatch to last result",
+    "call_ms": ("device milliseconds per backend call over all of a device's calls (the seconds each "
+                "backend.run returned: ais_bench's own per-call time for OM, the call's time otherwise; "
+                f"warm-up excluded): n, min, mean, max and percentiles (numpy, method '{PERCENTILE_METHOD}')"),
+    "host_seconds": ("host seconds per stage, summed over a device's batches (thread time in the wall-clock "
+                     "sense: overlapping threads each count theirs)"),
+    "host_seconds.read_decode": "prep threads: reading and decoding the batch's images (cache hits cost ~0)",
+    "host_seconds.crop": "prep threads: center/scale, affine and warpAffine of each box's crop",
+    "host_seconds.input": "prep threads: the network inputs from the crops (normalise, mirror for the flip test)",
+    "host_seconds.prep_wait": "shard threads: waiting for the prep threads to hand over the next batch",
+    "host_seconds.device_wait": "shard threads: waiting for the device thread's result of a batch",
+    "host_seconds.flip_merge": "shard threads: merging the two flip passes' heatmaps",
+    "host_seconds.decode_keypoints": "shard threads: heatmaps to keypoints in image pixels",
+    "host_dominant": "the host work stage (not a wait) with the most seconds: the one to give more cores",
 }
+
+#: Stages that are work, not waiting: the candidates for ``host_dominant``.
+WORK_STAGES = tuple(s for s in HOST_STAGES if not s.endswith("_wait"))
+
+
+def call_ms(call_seconds: np.ndarray) -> dict:
+    """The distribution of per-call device times, in milliseconds (CALL_STATS; zeros when no call)."""
+    ms = np.asarray(call_seconds, np.float64) * 1e3
+    if not len(ms):
+        return dict.fromkeys(CALL_STATS, 0.0) | {"n": 0}
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99], method=PERCENTILE_METHOD)
+    return {"n": int(len(ms)), "min": float(ms.min()), "mean": float(ms.mean()), "p50": float(p50),
+            "p90": float(p90), "p99": float(p99), "max": float(ms.max())}
+
+
+def host_seconds(results: list[ShardResult]) -> dict[str, float]:
+    """Seconds per host stage summed over shards; a journal older than the stages gives zeros."""
+    return {stage: float(sum(r.host_seconds.get(stage, 0.0) for r in results)) for stage in HOST_STAGES}
+
+
+def dominant_stage(stages: dict[str, float]) -> str | None:
+    """The work stage with the most seconds (None when nothing was timed)."""
+    work = {s: stages.get(s, 0.0) for s in WORK_STAGES}
+    best = max(work, key=work.get)
+    return best if work[best] > 0 else None
+
+
+def host_thread_bound(wall_seconds: float, prep_threads: int, in_flight: int) -> dict[str, float]:
+    """The most host seconds a worker's threads can log in ``wall_seconds``.
+
+    Prep stages run only on the worker's ``prep_threads`` (one pool shared by its shards);
+    shard stages only on the threads running ``run_shard``: at most ``in_flight`` at once
+    (the actor's max_concurrency). Each thread logs at most the wall time.
+    """
+    return {"prep": wall_seconds * prep_threads, "shard": wall_seconds * in_flight,
+            "all": wall_seconds * (prep_threads + in_flight)}
 
 
 @dataclass
@@ -79,7 +134,10 @@ def throughput(results: list[ShardResult], devices: list[dict], first_dispatch: 
             "bytes_to_device": int(sum(r.bytes_to_device for r in mine)),
             "bytes_from_device": int(sum(r.bytes_from_device for r in mine)),
             "lost": bool(d.get("lost", False)),
+            "call_ms": call_ms(np.concatenate([r.call_seconds for r in mine]) if mine else np.zeros(0)),
+            "host_seconds": host_seconds(mine),
         })
+        rows[-1]["host_dominant"] = dominant_stage(rows[-1]["host_seconds"])
         rows[-1]["idle_seconds"] = max(0.0, rows[-1]["wall_seconds"] - rows[-1]["busy_seconds"])
     wall = max(last_result - first_dispatch, 1e-9)
     boxes = sum(r["boxes"] for r in rows)
@@ -95,13 +153,15 @@ def throughput(results: list[ShardResult], devices: list[dict], first_dispatch: 
 
 def format_throughput(tp: dict) -> str:
     """The throughput table as the terminal shows it."""
-    head = f"{'device':<10} {'kind':<5} {'node':<20} {'boxes':>7} {'crops':>7} {'dev s':>8} {'dev fps':>9} {'busy s':>8} {'wall s':>8}"
+    head = (f"{'device':<10} {'kind':<5} {'node':<20} {'boxes':>7} {'crops':>7} {'dev s':>8} {'dev fps':>9} "
+            f"{'p50 ms':>8} {'p99 ms':>8} {'busy s':>8} {'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in tp["devices"]:
         lost = "  LOST" if r["lost"] else ""
+        calls = r.get("call_ms") or {}  # absent in a throughput.json older than the latency figures
         lines.append(f"{r['id']:<10} {r['kind']:<5} {_tail(r['node'], 20):<20} {r['boxes']:>7} {r['crops']:>7} "
-                     f"{r['device_seconds']:>8.2f} {r['device_fps']:>9.1f} {r['busy_seconds']:>8.2f} "
-                     f"{r['wall_seconds']:>8.2f}{lost}")
+                     f"{r['device_seconds']:>8.2f} {r['device_fps']:>9.1f} {_ms(calls, 'p50')} {_ms(calls, 'p99')} "
+                     f"{r['busy_seconds']:>8.2f} {r['wall_seconds']:>8.2f}{lost}")
     t = tp["totals"]
     lines.append("-" * len(head))
     lines.append(f"sum of device fps (compute only): {t['sum_device_fps']:.1f} crops/s")
@@ -111,7 +171,29 @@ def format_throughput(tp: dict) -> str:
         idle = sum(r.get("idle_seconds", 0.0) for r in tp["devices"])
         lines.append(f"per box {t['bytes_to_device_per_box'] / 1024:.0f} KiB to the device, "
                      f"{t['bytes_from_device_per_box'] / 1024:.0f} KiB back; devices idle {idle:.2f} s in all")
+    if (host := format_host_stages(tp["devices"])):
+        lines.append(host)
     return "\n".join(lines)
+
+
+def _ms(calls: dict, key: str) -> str:
+    return f"{calls[key]:>8.2f}" if calls.get("n") else f"{'-':>8}"
+
+
+def format_host_stages(devices: list[dict]) -> str | None:
+    """One line: the dominant host work stage over all devices, with its seconds and the runner-up."""
+    total = dict.fromkeys(HOST_STAGES, 0.0)
+    for d in devices:
+        for stage, s in (d.get("host_seconds") or {}).items():
+            total[stage] = total.get(stage, 0.0) + s
+    top = dominant_stage(total)
+    if top is None:
+        return None
+    work = sorted(((total[s], s) for s in WORK_STAGES), reverse=True)
+    share = total[top] / sum(s for s, _ in work)
+    rest = ", ".join(f"{name} {s:.2f}" for s, name in work[1:3])
+    return (f"host time is dominated by {top}: {total[top]:.2f} s ({share:.0%} of host work; next {rest}; "
+            f"waiting for the device {total.get('device_wait', 0.0):.2f} s)")
 
 
 def _tail(text: str, width: int) -> str:

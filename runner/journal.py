@@ -76,21 +76,24 @@ class Journal:
         for path in sorted(self.dir.glob("shard-*.npz")):
             with np.load(path) as z:
                 meta = json.loads(str(z["meta"]))
+                # A journal older than the latency figures has no call_seconds and no host_seconds:
+                # its shards load with none (ShardResult's defaults) and count as no calls timed.
+                timed = {"call_seconds": z["call_seconds"]} if "call_seconds" in z.files else {}
                 done[meta["shard_id"]] = ShardResult(
                     box_ids=z["box_ids"], keypoints=z["keypoints"], crop_boxes=z["crop_boxes"],
-                    skipped=[tuple(s) for s in meta.pop("skipped")], **meta)
+                    skipped=[tuple(s) for s in meta.pop("skipped")], **timed, **meta)
         return done
 
     def add(self, r: ShardResult) -> None:
         meta = {"shard_id": r.shard_id, "device": r.device, "skipped": r.skipped, "crops": r.crops,
                 "calls": r.calls, "device_seconds": r.device_seconds, "busy_seconds": r.busy_seconds,
                 "bytes_to_device": r.bytes_to_device, "bytes_from_device": r.bytes_from_device,
-                "started": r.started, "finished": r.finished}
+                "started": r.started, "finished": r.finished, "host_seconds": r.host_seconds}
         path = self.dir / f"shard-{r.shard_id:06d}.npz"
         tmp = self.dir / f".shard-{r.shard_id:06d}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, box_ids=r.box_ids, keypoints=r.keypoints, crop_boxes=r.crop_boxes,
-                     meta=np.array(json.dumps(meta)))
+                     call_seconds=np.asarray(r.call_seconds, np.float32), meta=np.array(json.dumps(meta)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
