@@ -62,6 +62,9 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--uint8-input", action=argparse.BooleanOptionalAction, default=None,
                      help="send uint8 crops; the model normalises them (4x fewer bytes, same keypoints). "
                           "Default: on for onnxruntime and torch on cpu, off elsewhere")
+    run.add_argument("--om-batch", choices=["static", "dynamic"],
+                     help="--backend om: one static OM per batch size (default) or one dynamic-batch OM "
+                          "whose gears are the batch sizes (one ATC conversion for a sweep)")
     run.add_argument("--soc-version", metavar="SOC",
                      help="ATC soc_version of the NPUs, e.g. Ascend310P3 (default: from npu-smi, or Ray on a cluster)")
     run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",
@@ -78,6 +81,10 @@ def run_parser() -> argparse.ArgumentParser:
                           "idle worker; the first result wins (default 3; 0: never)")
     run.add_argument("--straggler-floor", type=float, metavar="S",
                      help="... and for at least S seconds (default 10)")
+    run.add_argument("--check-backend", choices=["torch", "onnxruntime", "openvino"],
+                     help="also run the first --check-boxes boxes through this backend on the CPU (torch: the "
+                          "checkpoint itself) and write OUT/parity.json, box by box, with a verdict")
+    run.add_argument("--check-boxes", type=int, metavar="N", help="boxes of the parity check (default 64)")
     run.add_argument("--evaluator", choices=["auto", "faster-coco-eval", "pycocotools"],
                      help="COCOeval implementation (default auto: faster-coco-eval where installed)")
     run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")

@@ -10,6 +10,9 @@ import yaml
 
 from tasks.evaluation import EVALUATORS
 
+#: Reference backends of a parity check (runner.parity): they run in the driver, on its CPU.
+CHECK_BACKENDS = ("torch", "onnxruntime", "openvino")
+
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -45,12 +48,16 @@ class RunConfig:
     straggler_factor: float  # 0: no speculative copies
     straggler_floor: float
     evaluator: str
+    check_backend: str | None  # --check-backend: a reference backend for the first check_boxes boxes
+    check_boxes: int
     address: str | None
     out: str
     resume: bool
     overwrite: bool
     dump_heatmaps: bool
     quiet: bool
+    om_batch: str = "static"  # --backend om: static (one OM per batch size) | dynamic (one OM, a gear per bs)
+    om_gears: tuple[int, ...] = ()  # set by a sweep: its batch sizes, the gears of a dynamic OM; (): cfg.bs
 
 
 def parse_bs(value) -> tuple[int, ...]:
@@ -99,6 +106,12 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
             continue  # automatic
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{key}: {value!r} is not a non-negative number")
+    if values["check_backend"] not in (None, *CHECK_BACKENDS):
+        raise ConfigError(f"check_backend: {values['check_backend']!r} is not one of {', '.join(CHECK_BACKENDS)} "
+                          "(a backend that runs on this CPU)")
+    if not isinstance(values["check_boxes"], int) or isinstance(values["check_boxes"], bool) \
+            or values["check_boxes"] < 1:
+        raise ConfigError(f"check_boxes: {values['check_boxes']!r} is not a positive number of boxes")
     if values["evaluator"] not in EVALUATORS:
         raise ConfigError(f"evaluator: {values['evaluator']!r} is not one of {', '.join(EVALUATORS)}")
     soc = values["soc_version"]
@@ -111,6 +124,12 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
     values["uint8_input"] = None if u8 == "auto" else u8
     if values["fused_flip"] and not values["flip"]:
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
+    if values["om_batch"] not in ("static", "dynamic"):
+        raise ConfigError(f"om_batch: {values['om_batch']!r} is not static or dynamic")
+    if values["om_batch"] == "dynamic" and values["backend"] == "om" and len(set(values["bs"])) < 2:
+        # ATC's rule (spec ascend.md §3.4): a dynamic-batch OM has 2 to 100 gears.
+        raise ConfigError(f"om_batch dynamic with bs {values['bs'][0]}: ATC builds a dynamic-batch OM for 2 to 100 "
+                          "batch sizes (gears); give two or more (--bs 1,4,8) or use --om-batch static")
     if values["shard_size"] < 1:
         raise ConfigError("shard_size: must be at least 1")
     return RunConfig(**values)

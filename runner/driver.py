@@ -29,6 +29,7 @@ from runner.errors import Interrupted, RunError
 from runner.inputs import (Inputs, choose_backend, load_inputs, prepare_model, settle_uint8_input, soc_version,
                            variant_of)
 from runner.journal import Journal
+from runner.parity import check_parity
 from runner.outputs import (TIMING_SCOPE, Laps, format_metrics, iso_time, peak_rss_mb, prepare_out, versions,
                             write_json, write_results)
 from runner.progress import Progress
@@ -241,6 +242,9 @@ def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs,
     laps.mark("oks_nms")
     write_results(out / "keypoints.json", columns, kept, scores)
     laps.mark("write_keypoints")
+    if cfg.check_backend:  # outside the dispatch window: not part of any throughput figure
+        check_parity(cfg, inputs, backend, bs, merged, out, log)
+        laps.mark("parity")
 
     skipped = [{"box_index": s.box_index, "image_id": s.image_id, "reason": s.reason} for s in box_set.skipped]
     by_id = {b.id: b for b in box_set.boxes}

@@ -162,12 +162,33 @@ def prepare_model(cfg: RunConfig, backend: str, weights: str, box_set: BoxSet, b
     if backend == "om":
         from tasks.atc import convert_to_om
 
-        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=bs, variant=variant),
+        gears = om_gears(cfg, bs)
+        # A dynamic-batch OM needs an ONNX whose batch ATC may set to -1: the symbolic-batch export.
+        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=None if gears else bs, variant=variant),
                            check_crops(box_set))
         # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
         layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
-        return str(convert_to_om(onnx, cfg.models_dir, soc_version(devices), batch_size=bs, **layout).resolve())
+        batch = {"gears": gears} if gears else {"batch_size": bs}
+        return str(convert_to_om(onnx, cfg.models_dir, soc_version(devices), **batch, **layout).resolve())
     raise RunError(f"unknown backend {backend!r}")
+
+
+def om_gears(cfg: RunConfig, bs: int) -> tuple[int, ...] | None:
+    """The gears of the dynamic-batch OM a run opens (``--om-batch dynamic``); None for a static OM.
+
+    They are the whole command's batch sizes (a sweep's, which it passes in ``om_gears``),
+    so every run of a sweep opens the same file, converted once.
+    """
+    if cfg.om_batch != "dynamic":
+        return None
+    gears = tuple(sorted(set(cfg.om_gears or cfg.bs) | {bs}))
+    if len(gears) < 2:
+        # ATC's rule (spec ascend.md §3.4, its E10035): a dynamic-batch OM has 2 to 100 gears.
+        raise RunError(f"--om-batch dynamic with --bs {bs}: ATC builds a dynamic-batch OM for 2 to 100 batch "
+                       "sizes (gears); give two or more (--bs 1,4,8) or use --om-batch static")
+    if len(gears) > 100:
+        raise RunError(f"--om-batch dynamic: {len(gears)} batch sizes, ATC takes at most 100 gears")
+    return gears
 
 
 def soc_version(devices: list[Device]) -> str:

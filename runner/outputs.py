@@ -24,7 +24,7 @@ def prepare_out(cfg: RunConfig) -> Path:
         raise RunError(f"{out}: exists and is not empty; pass --resume to continue that run, "
                        "--overwrite to replace it, or another --out")
     if out.exists() and cfg.overwrite and not cfg.resume:
-        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json"):
+        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json", "parity.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "journal", ignore_errors=True)
         shutil.rmtree(out / "heatmaps", ignore_errors=True)
@@ -120,7 +120,8 @@ TIMING_SCOPE = {
     "device_seconds scope": "per backend call, timed inside the actor around the backend's run()",
     "phases_seconds": "the driver's wall seconds per phase of this batch size, in order, up to writing run.json: "
                       "model (conversion or cache), journal_and_shards, workers (start or switch), dispatch_window, "
-                      "merge_and_records, oks_nms, write_keypoints, evaluation, write_metrics_throughput",
+                      "merge_and_records, oks_nms, write_keypoints, parity (--check-backend), evaluation, "
+                      "write_metrics_throughput",
     "driver_peak_rss_mb": "the driver process's peak resident memory so far (MiB)",
 }
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.journal import atomic_write_text
+from tasks.compare import compare_results
 
 
 class ReportError(ValueError):
@@ -110,17 +111,44 @@ SCOPE_NOTE = ("device fps: crops per second of backend compute (2 crops per box 
               "over devices; e2e: all boxes or crops over the wall time from first dispatch to last result")
 
 
+#: The knee's tolerance: a batch size within this fraction of the sweep's best end-to-end crops/s.
+KNEE_TOLERANCE = 0.05
+
+
+def knee(rows: list[dict], tolerance: float = KNEE_TOLERANCE) -> dict | None:
+    """The smallest batch size whose end-to-end crops/s is within ``tolerance`` of the sweep's best.
+
+    Past it a larger batch buys (almost) nothing but latency and memory, so it is the
+    batch size to pick. Ties go to the smaller batch size; None for no rows.
+    """
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: (r["e2e_crops_per_s"], -r["bs"]))
+    floor = (1 - tolerance) * best["e2e_crops_per_s"]
+    chosen = min((r for r in rows if r["e2e_crops_per_s"] >= floor), key=lambda r: r["bs"])
+    return {"bs": chosen["bs"], "e2e_crops_per_s": chosen["e2e_crops_per_s"], "best_bs": best["bs"],
+            "best_e2e_crops_per_s": best["e2e_crops_per_s"], "tolerance": tolerance}
+
+
+def knee_line(point: dict | None) -> str:
+    if point is None:
+        return "knee: n/a (no runs)"
+    return (f"knee: bs {point['bs']} ({point['e2e_crops_per_s']:.1f} e2e crops/s, within "
+            f"{point['tolerance']:.0%} of the best, {point['best_e2e_crops_per_s']:.1f} at bs {point['best_bs']})")
+
+
 def write_summary(out: Path, runs: list[SavedRun]) -> str:
     """``summary.md``, ``summary.csv``, ``summary.json`` and ``throughput.png`` in ``out``; returns the table."""
     rows = summary_rows(runs)
     head, body = table_columns(rows)
-    atomic_write_text(out / "summary.md", format_markdown(head, body) + f"\n\n{SCOPE_NOTE}\n")
+    point = knee(rows)
+    atomic_write_text(out / "summary.md", format_markdown(head, body) + f"\n\n{knee_line(point)}\n\n{SCOPE_NOTE}\n")
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([head, *body])
     atomic_write_text(out / "summary.csv", buf.getvalue())
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "scope": SCOPE_NOTE}, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "knee": point, "scope": SCOPE_NOTE}, indent=1))
     plot_throughput(rows, out / "throughput.png")
-    return format_table(head, body)
+    return format_table(head, body) + "\n" + knee_line(point)
 
 
 #: throughput.png's size in pixels (width, height): figsize times dpi, no tight bounding box.
@@ -128,35 +156,54 @@ PLOT_SIZE = (900, 540)
 _DPI = 100
 
 
-def plot_throughput(rows: list[dict], path: Path) -> None:
-    """Throughput against batch size: one line per device and the total, mAP written at each total point."""
+def device_points(rows: list[dict], device: str) -> tuple[list[int], list[float]]:
+    """A device's fps at every batch size of the sweep; 0 where it computed nothing (lost, or no shard)."""
+    return ([row["bs"] for row in rows],
+            [row["device_fps"].get(device, 0.0) if row["device_crops"].get(device) else 0.0 for row in rows])
+
+
+def throughput_figure(rows: list[dict]):
+    """The plot as a matplotlib Figure (the caller closes it): what ``plot_throughput`` saves.
+
+    The y axis starts at 0 so a few percent look like a few percent, and batch sizes
+    sit on a log2 axis, where a sweep's doublings are evenly spaced.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(PLOT_SIZE[0] / _DPI, PLOT_SIZE[1] / _DPI), dpi=_DPI)
+    bs = [row["bs"] for row in rows]
+    for d in _device_ids(rows):
+        ax.plot(*device_points(rows, d), marker="o", label=f"{d} device fps")
+    total = [row["sum_device_fps"] for row in rows]
+    ax.plot(bs, total, marker="s", linewidth=2, color="black", label="sum of device fps")
+    ax.plot(bs, [row["e2e_crops_per_s"] for row in rows], marker="^", linestyle="--", color="gray",
+            label="end to end crops/s")
+    for x, y, row in zip(bs, total, rows):
+        ax.annotate(f"mAP {_fmt_map(row['mAP'])}", (x, y), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
+    point = knee(rows)
+    if point is not None:
+        ax.axvline(point["bs"], color="tab:red", linestyle=":", label=f"knee: bs {point['bs']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(bs, [str(b) for b in bs])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("crops per second")
+    ax.set_title(f"{rows[0]['model']} ({rows[0]['backend']})" if rows else "throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_throughput(rows: list[dict], path: Path) -> None:
+    """Throughput against batch size: one line per device and the total, mAP at each total point, the knee."""
+    import matplotlib.pyplot as plt
+
+    fig = throughput_figure(rows)
     try:
-        bs = [row["bs"] for row in rows]
-        for d in _device_ids(rows):
-            points = [(row["bs"], row["device_fps"][d]) for row in rows if row["device_crops"].get(d)]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"{d} device fps")
-        total = [row["sum_device_fps"] for row in rows]
-        ax.plot(bs, total, marker="s", linewidth=2, color="black", label="sum of device fps")
-        ax.plot(bs, [row["e2e_crops_per_s"] for row in rows], marker="^", linestyle="--", color="gray",
-                label="end to end crops/s")
-        for x, y, row in zip(bs, total, rows):
-            ax.annotate(f"mAP {_fmt_map(row['mAP'])}", (x, y), textcoords="offset points", xytext=(0, 8),
-                        ha="center", fontsize=8)
-        if len(set(bs)) > 1:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(bs, [str(b) for b in bs])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("crops per second")
-        ax.set_title(f"{rows[0]['model']} ({rows[0]['backend']})" if rows else "throughput")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, dpi=_DPI)
         tmp.replace(path)
@@ -178,8 +225,37 @@ def compare(base: list[SavedRun], other: list[SavedRun]) -> list[dict]:
                      "mAP_diff": None if _map(b) is None or _map(r) is None else _map(r) - _map(b),
                      "sum_device_fps_ratio": ratio("sum_device_fps"),
                      "e2e_boxes_per_s_ratio": ratio("e2e_boxes_per_s"),
-                     "e2e_crops_per_s_ratio": ratio("e2e_crops_per_s")})
+                     "e2e_crops_per_s_ratio": ratio("e2e_crops_per_s"),
+                     "keypoints": keypoint_comparison(b, r)})
     return rows
+
+
+def keypoint_comparison(base: SavedRun, other: SavedRun) -> dict | None:
+    """The two runs' keypoints.json compared box by box (tasks.compare), other against base;
+    None when either run has none. Read here, not in load_run: a full set's file is large and
+    only a comparison needs it."""
+    a, b = base.dir / "keypoints.json", other.dir / "keypoints.json"
+    if not (a.is_file() and b.is_file()):
+        return None
+    return compare_results(json.loads(a.read_text()), json.loads(b.read_text())).as_dict()
+
+
+def _fig(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_keypoint_compare(rows: list[dict]) -> str | None:
+    """The box-by-box keypoint figures per batch size, for the rows that have them."""
+    head = ["bs", "matched", "unmatched base", "unmatched other", "max |dxy| px", "<=1e-3px", "<=0.5px",
+            "max |dscore|", "mean OKS"]
+    body = [[str(r["bs"]), str(k["matched"]), str(k["unmatched_a"]), str(k["unmatched_b"]),
+             _fig(k["max_abs_px"], ".3g"), _fig(k["frac_within_1e-3px"], ".4f"), _fig(k["frac_within_0.5px"], ".4f"),
+             _fig(k["max_abs_score"], ".3g"), _fig(k["mean_oks"], ".6f")]
+            for r in rows if (k := r.get("keypoints")) is not None]
+    if not body:
+        return None
+    return ("keypoints box by box (matched on image id and detection box; fractions of joints whose "
+            "max(|dx|, |dy|) is within):\n" + format_table(head, body))
 
 
 def format_compare(base_name: str, other_name: str, rows: list[dict]) -> str:
@@ -189,7 +265,9 @@ def format_compare(base_name: str, other_name: str, rows: list[dict]) -> str:
              f"{r['sum_device_fps_ratio']:.3f}", f"{r['e2e_boxes_per_s_ratio']:.3f}"] for r in rows]
     if not body:
         return f"{other_name} vs {base_name}: no batch size in common"
-    return f"{other_name} vs {base_name} (other / base):\n" + format_table(head, body)
+    text = f"{other_name} vs {base_name} (other / base):\n" + format_table(head, body)
+    keypoints = format_keypoint_compare(rows)
+    return text if keypoints is None else text + "\n" + keypoints
 
 
 def _name(path: str, runs: list[SavedRun]) -> str:
@@ -207,4 +285,11 @@ def report(dirs: list[str], log=print) -> list[list[dict]]:
         rows = compare(loaded[0], runs)
         comparisons.append(rows)
         log(format_compare(_name(dirs[0], loaded[0]), _name(d, runs), rows))
+        # beside the compared run's summary files: this directory against the base
+        atomic_write_text(Path(d) / COMPARISON_FILE,
+                          json.dumps({"base": str(dirs[0]), "other": str(d), "rows": rows}, indent=1))
     return comparisons
+
+
+#: What ``report`` writes into each further directory: its comparison with the first.
+COMPARISON_FILE = "comparison.json"

@@ -4,8 +4,9 @@ Each run lands in ``OUT/bs{N}/`` with the files of a single run; the sweep adds
 ``OUT/summary.md``, ``summary.csv``, ``summary.json`` and ``throughput.png``
 (``runner.report``) and prints the table. Workers switch batch size with
 ``Worker.set_batch``, which reopens a session only for a new model file (a static
-OM per batch size). ``--resume`` continues per batch size: finished ones are kept,
-the interrupted one resumes from its journal, the rest run.
+OM per batch size; ``--om-batch dynamic`` makes one OM for all and only switches its
+gear). ``--resume`` continues per batch size: finished ones are kept, the
+interrupted one resumes from its journal, the rest run.
 """
 from __future__ import annotations
 
@@ -48,8 +49,11 @@ def run_sweep(cfg: RunConfig, log=print) -> list[RunOutcome]:
             run_planned_detection(plan, session, cfg, backend, log)
             inputs = load_inputs(cfg)
         with actor_pool(session, Worker, backend, cfg.threads) as pool:
+            # Every run gets the whole sweep's sizes: the gears of a dynamic-batch OM (--om-batch dynamic),
+            # so each run opens the same model file and only selects its gear.
+            gears = tuple(sorted(cfg.bs))
             for bs in cfg.bs:
-                one = dataclasses.replace(cfg, bs=(bs,), out=str(run_dir(out, bs)))
+                one = dataclasses.replace(cfg, bs=(bs,), om_gears=gears, out=str(run_dir(out, bs)))
                 outcome = run_batch(one, session, pool, inputs, backend, bs, prepare_out(one), log,
                                     keep_finished=True)
                 log(f"bs {bs}: {format_metrics(outcome.metrics).splitlines()[0]}, "

@@ -115,6 +115,28 @@ def test_dynamic_batch_om_records_its_gears(tmp_path, onnx_file, fake_atc):
     assert "--input_shape=image:-1,3,256,192" in argv and "--dynamic_batch_size=1,2,4,8" in argv
 
 
+def test_dynamic_batch_om_is_cached_by_its_gears(tmp_path, onnx_file, fake_atc):
+    """A sweep's dynamic OM: ATC runs once for its gears; other gears are another OM."""
+    models = tmp_path / "models"
+    first = convert_to_om(onnx_file, models, "Ascend310P3", gears=[1, 4, 8])
+    assert convert_to_om(onnx_file, models, "Ascend310P3", gears=[1, 4, 8]) == first
+    assert len(fake_atc()) == 1
+    other = convert_to_om(onnx_file, models, "Ascend310P3", gears=[1, 4, 16])
+    assert other != first and len(fake_atc()) == 2
+
+
+@pytest.mark.parametrize("gears, code", [("8", "E10035"), (",".join(map(str, range(1, 102))), "E10035"),
+                                         ("0,4", "E10036"), ("1,x", "E10036")])
+def test_fake_atc_refuses_gears_as_atc_does(tmp_path, onnx_file, fake_atc, gears, code):
+    """2 to 100 positive gears (spec §3.4): the fake refuses the rest, as ATC does, exit 255."""
+    import subprocess
+
+    proc = subprocess.run(["atc", "--framework=5", f"--model={onnx_file}", f"--output={tmp_path / 'm'}",
+                           "--input_shape=image:-1,3,256,192", f"--dynamic_batch_size={gears}",
+                           "--soc_version=Ascend310P3"], capture_output=True, text=True)
+    assert proc.returncode == 255 and f"\n{code}: " in proc.stdout and not list(tmp_path.glob("m*.om"))
+
+
 def test_failure_shows_exit_status_and_error_codes(tmp_path, onnx_file, fake_atc, monkeypatch):
     monkeypatch.setenv("FAKE_ATC_MODE", "fail")
     models = tmp_path / "models"

@@ -106,17 +106,62 @@ def test_more_crops_than_the_batch_is_a_caller_bug(api, oms):
     backend.close()
 
 
-@pytest.mark.parametrize("n, gear", [(1, 1), (3, 4), (4, 4), (5, 8), (8, 8)])
-def test_dynamic_batch_om_runs_the_next_gear(api, oms, tiny_onnx, n, gear):
-    backend = OmBackend(str(oms["dynamic"]), "npu:0", 8, 1)
-    assert backend.gears == tuple(GEARS)  # from the sidecar convert_to_om wrote
+@pytest.mark.parametrize("bs, n, gear", [(8, 1, 8), (8, 5, 8), (8, 8, 8), (3, 1, 4), (3, 3, 4), (1, 1, 1)])
+def test_dynamic_batch_om_runs_every_call_at_the_gear_of_its_bs(api, oms, tiny_onnx, bs, n, gear, tmp_path,
+                                                                 monkeypatch):
+    """The gear is the smallest that holds --bs, and a short batch is padded up to it, as a static OM's is:
+    the run computes and measures what the static OM of its batch size does."""
+    monkeypatch.setenv("FAKE_ACL_RUN_LOG", str(tmp_path / "runs.jsonl"))
+    backend = OmBackend(str(oms["dynamic"]), "npu:0", bs, 1)
+    assert backend.gears == tuple(GEARS) and backend.gear == gear  # gears from the sidecar convert_to_om wrote
     x = crops(n, seed=n)
     heatmaps, seconds = backend.run(x)
+    assert heatmaps.shape == (n, 17, 64, 48)
     np.testing.assert_allclose(heatmaps, reference(tiny_onnx, x), rtol=0, atol=1e-6)
     assert seconds > 0
     (desc,) = backend.session.get_inputs()
     assert desc.shape[0] == -1 and desc.realsize == gear * 3 * 256 * 192 * 4  # the gear that ran
     backend.close()
+    assert [r["batch"] for r in _lines(tmp_path / "runs.jsonl")] == [gear]
+
+
+def test_setting_batch_size_selects_another_gear_of_the_same_model(api, oms, tiny_onnx, tmp_path, monkeypatch):
+    """A sweep's next batch size on a dynamic OM: the session stays, only the gear changes."""
+    monkeypatch.setenv("FAKE_ACL_RUN_LOG", str(tmp_path / "runs.jsonl"))
+    backend = OmBackend(str(oms["dynamic"]), "npu:0", 2, 1)
+    session = backend.session
+    for bs in (2, 8, 4):
+        backend.batch_size = bs
+        x = crops(bs - 1 or 1, seed=bs)
+        np.testing.assert_allclose(backend.run(x)[0], reference(tiny_onnx, x), rtol=0, atol=1e-6)
+    assert backend.session is session
+    with pytest.raises(OmModelError, match=r"--bs 16 but OM .* has batch gears \[1, 2, 4, 8\]"):
+        backend.batch_size = 16
+    assert backend.batch_size == 4 and backend.gear == 4  # a refused size changes nothing
+    backend.close()
+    assert [r["batch"] for r in _lines(tmp_path / "runs.jsonl")] == [2, 8, 4]
+
+
+def test_fake_refuses_a_batch_that_is_not_a_gear(api, oms, capfd):
+    """As aclruntime does: a dynamic-batch OM runs only at one of its gears, in every API version."""
+    from ais_bench.infer.interface import InferSession
+
+    session = InferSession(0, str(oms["dynamic"]))
+    with pytest.raises(RuntimeError, match="invalid parameter"):
+        session.set_dynamic_batchsize(3)
+    if api != "old":
+        with pytest.raises(RuntimeError, match="invalid parameter"):
+            session.infer([crops(3)], "dymbatch")
+    with pytest.raises(RuntimeError, match="invalid parameter"):  # no gear selected: a static call cannot run
+        session.infer([crops(4)], "static")
+    err = capfd.readouterr().err
+    assert "set dynamic batch size 3 failed: gears [1, 2, 4, 8]" in err and "no batch gear selected" in err
+
+
+def _lines(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_dynamic_batch_gears_can_be_given_when_the_sidecar_is_gone(api, oms, tmp_path, tiny_onnx):

@@ -81,3 +81,40 @@ def test_fused_flip_uint8_om_on_fake_npus_equals_plain_onnxruntime(tmp_path):
     assert totals["bytes_to_device_per_box"] == 256 * 192 * 3  # uint8, the mirror made on the device
     assert totals["bytes_from_device_per_box"] == 17 * 64 * 48 * 4  # merged heatmaps only
     assert totals["crops"] == 20
+
+
+SWEEP = (1, 2, 4)
+
+
+def test_dynamic_batch_sweep_converts_once_selects_each_gear_and_equals_static(tmp_path):
+    """``--om-batch dynamic`` over three batch sizes: one ATC run (gears 1,2,4), one session per actor kept
+    across the sweep, every call at its run's gear, and each bs's keypoints the static OM sweep's."""
+    from itertools import groupby
+
+    common = ["--synthetic", "10", "--bs", ",".join(map(str, SWEEP)), "--shard-size", "4",
+              "--models-dir", str(tmp_path / "models"), "--devices", "0,1", "--backend", "om", "--quiet"]
+    logs = {kind: tmp_path / kind for kind in ("static", "dynamic")}
+    for kind, where in logs.items():
+        where.mkdir()
+        env = dict(fake_npu_env(cli_env(), where), FAKE_ACL_RUN_LOG=str(where / "runs.jsonl"))
+        run_cli([*RUNNER, *common, "--om-batch", kind, "--out", str(where / "out")], env, tmp_path)
+
+    static_argv, dynamic_argv = logged(logs["static"] / "atc.jsonl"), logged(logs["dynamic"] / "atc.jsonl")
+    assert [next(a for a in argv if a.startswith("--input_shape=")) for argv in static_argv] == \
+        [f"--input_shape=image:{bs},3,256,192" for bs in SWEEP]
+    (argv,) = dynamic_argv  # converted once for the whole sweep
+    assert "--input_shape=image:-1,3,256,192" in argv and "--dynamic_batch_size=1,2,4" in argv
+    assert_one_session_per_actor(logged(logs["dynamic"] / "acl.jsonl"), "-Ascend310P3-g1_2_4.om")
+
+    calls = logged(logs["dynamic"] / "runs.jsonl")
+    assert {c["dynamic"] for c in calls} == {True} and len({c["model"] for c in calls}) == 1
+    for pid in {c["pid"] for c in calls}:  # each actor ran the sweep's gears in its order, warm-up included
+        assert [gear for gear, _ in groupby(c["batch"] for c in calls if c["pid"] == pid)] == list(SWEEP)
+    assert {c["batch"] for c in logged(logs["static"] / "runs.jsonl")} == set(SWEEP)
+
+    for bs in SWEEP:
+        dynamic = json.loads((logs["dynamic"] / "out" / f"bs{bs}" / "keypoints.json").read_text())
+        static = json.loads((logs["static"] / "out" / f"bs{bs}" / "keypoints.json").read_text())
+        assert len(dynamic) == 10 and dynamic == static
+        run = json.loads((logs["dynamic"] / "out" / f"bs{bs}" / "run.json").read_text())
+        assert run["config"]["om_batch"] == "dynamic" and run["config"]["om_gears"] == list(SWEEP)

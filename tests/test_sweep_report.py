@@ -18,7 +18,7 @@ import cv2
 import pytest
 
 from conftest import COCO_MINI, COCO_MINI_DETS, REPO, SHARED
-from runner.report import PLOT_SIZE, compare, load_runs
+from runner.report import PLOT_SIZE, compare, knee, load_runs, throughput_figure
 from tasks.spec import file_sha256
 
 SIZES = (1, 4)
@@ -109,6 +109,64 @@ def test_plot_decodes_at_its_size(sweep):
     assert image.std() > 10  # something is drawn
 
 
+def test_summary_names_the_knee(sweep):
+    out = sweep["out"]
+    summary = read(out / "summary.json")
+    expected = knee(summary["rows"])
+    assert summary["knee"] == expected and expected["bs"] in SIZES
+    assert expected["best_e2e_crops_per_s"] == max(r["e2e_crops_per_s"] for r in summary["rows"])
+    assert f"knee: bs {expected['bs']} (" in (out / "summary.md").read_text()
+    assert f"knee: bs {expected['bs']} (" in sweep["stdout"]
+
+
+def row(bs: int, e2e: float, fps: dict[str, float] | None = None) -> dict:
+    """A summary row with what the knee and the plot read; ``fps`` per device, 0 for one that computed nothing."""
+    fps = {"npu:0": e2e / 2, "npu:1": e2e / 2} if fps is None else fps
+    return {"model": "m", "backend": "om", "bs": bs, "mAP": None, "device_fps": fps,
+            "device_crops": {d: (100 if v else 0) for d, v in fps.items()},
+            "sum_device_fps": sum(fps.values()), "e2e_boxes_per_s": e2e / 2, "e2e_crops_per_s": e2e}
+
+
+@pytest.mark.parametrize("e2e, knee_bs, best_bs", [
+    ({1: 100.0, 4: 300.0, 8: 380.0, 16: 400.0, 32: 395.0}, 8, 16),   # 380 >= 0.95 * 400; 300 is not
+    ({1: 100.0, 4: 379.9, 8: 400.0}, 8, 8),                           # just under 95%: not the knee
+    ({1: 100.0, 4: 380.0, 8: 400.0}, 4, 8),                           # exactly 95% is within
+    ({1: 50.0, 4: 200.0, 8: 200.0, 16: 200.0}, 4, 4),                 # a tie for best: the smallest
+    ({16: 123.0}, 16, 16),                                            # a single run is its own knee
+])
+def test_knee_is_the_smallest_bs_within_5_percent_of_the_best(e2e, knee_bs, best_bs):
+    rows = [row(bs, v) for bs, v in e2e.items()]
+    point = knee(rows)
+    assert (point["bs"], point["best_bs"], point["tolerance"]) == (knee_bs, best_bs, 0.05)
+    assert point["e2e_crops_per_s"] == e2e[knee_bs] and point["best_e2e_crops_per_s"] == max(e2e.values())
+    assert knee(list(reversed(rows))) == point  # the order of the rows does not matter
+    assert knee([]) is None
+
+
+def test_plot_is_log2_from_zero_with_every_device_and_the_knee():
+    """Read back from the figure: a device absent at bs 4 (lost, or given no shard) is a 0 there."""
+    import matplotlib.pyplot as plt
+
+    rows = [row(1, 100.0), row(4, 390.0, {"npu:0": 390.0}), row(16, 400.0)]
+    rows[1]["device_crops"]["npu:1"] = 0  # listed with no crops: computed nothing
+    rows[1]["device_fps"]["npu:1"] = 7.0  # a figure from no crops is not drawn
+    fig = throughput_figure(rows)
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+        assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 400
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert {"npu:0 device fps", "npu:1 device fps"} <= set(lines)
+        assert list(lines["npu:0 device fps"].get_xdata()) == [1, 4, 16]
+        assert list(lines["npu:0 device fps"].get_ydata()) == [50.0, 390.0, 200.0]
+        assert list(lines["npu:1 device fps"].get_ydata()) == [50.0, 0.0, 200.0]
+        assert list(lines["sum of device fps"].get_ydata()) == [100.0, 390.0, 400.0]
+        assert set(lines["knee: bs 4"].get_xdata()) == {4}  # 390 is within 5% of 400
+        assert len([k for k in lines if k.endswith("device fps") and k != "sum of device fps"]) == 2
+    finally:
+        plt.close(fig)
+
+
 def test_run_json_describes_the_run(sweep):
     run = read(sweep["out"] / "bs4" / "run.json")
     assert run["bs"] == 4 and run["config"]["bs"] == [4] and run["backend"] == "onnxruntime"
@@ -170,3 +228,60 @@ def test_sweep_preset_is_the_reference_sizes():
 
     assert load_config(str(REPO / "configs" / "sweep.yaml")).bs == (1, 4, 8, 16, 32, 64)
     assert load_config(str(REPO / "configs" / "sweep.yaml"), {"bs": "2,8"}).bs == (2, 8)
+
+
+def test_report_compares_keypoints_box_by_box(tmp_path):
+    """``report A B`` of two sim runs, B's keypoints.json moved by known amounts: the figures
+    in the table and in B/comparison.json are the ones computed here."""
+    import math
+
+    base, other = tmp_path / "a", tmp_path / "b"
+    runner("--synthetic", "16", "--backend", "sim", "--bs", "4", "--out", str(base), "--quiet")
+    shutil.copytree(base, other)
+    results = read(base / "keypoints.json")
+    moved = json.loads(json.dumps(results))
+    for k in range(17):
+        moved[0]["keypoints"][3 * k] += 0.25  # every joint's x: within 0.5 px, not 1e-3
+    moved[1]["keypoints"][3 * 2 + 1] += 1.5  # one joint's y: beyond both
+    moved[2]["score"] += 0.125
+    dropped = moved.pop()  # the base's last result has no partner
+    (other / "keypoints.json").write_text(json.dumps(moved))
+
+    sigmas = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]
+
+    def oks(a: dict, b: dict) -> float:
+        area = a["bbox"][2] * a["bbox"][3]
+        d2 = [(a["keypoints"][3 * k] - b["keypoints"][3 * k]) ** 2
+              + (a["keypoints"][3 * k + 1] - b["keypoints"][3 * k + 1]) ** 2 for k in range(17)]
+        return sum(math.exp(-d / (2 * s / 10) ** 2 / (area + 2.0 ** -52) / 2) for d, s in zip(d2, sigmas)) / 17
+
+    n = len(results) - 1
+    assert n == 15 and dropped == results[-1] and results[-1] != results[0]
+    want = {"matched": n, "unmatched_a": 1, "unmatched_b": 0, "max_abs_px": 1.5,
+            "frac_within_1e-3px": (17 * n - 18) / (17 * n), "frac_within_0.5px": (17 * n - 1) / (17 * n),
+            "max_abs_score": 0.125, "max_abs_joint_score": 0.0}
+    mean_oks = sum(oks(a, b) for a, b in zip(results, moved)) / n
+
+    proc = runner("report", str(base), str(other))
+    rows = read(other / "comparison.json")["rows"]
+    assert [r["bs"] for r in rows] == [4]
+    got = rows[0]["keypoints"]
+    assert {k: got[k] for k in want} == want
+    assert got["mean_oks"] == pytest.approx(mean_oks, rel=1e-12) and mean_oks < 1.0
+    assert rows[0]["sum_device_fps_ratio"] == 1.0  # the same throughput.json
+    lines = proc.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("keypoints box by box"))
+    row = next(ln for ln in lines[start:] if ln.split()[:1] == ["4"])
+    assert row.split() == ["4", str(n), "1", "0", "1.5", f"{want['frac_within_1e-3px']:.4f}",
+                           f"{want['frac_within_0.5px']:.4f}", "0.125", f"{mean_oks:.6f}"]
+
+
+def test_om_batch_is_static_by_default_and_dynamic_needs_two_sizes():
+    from runner.config import ConfigError, load_config
+
+    assert load_config().om_batch == "static" and load_config().om_gears == ()
+    assert load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "1,4,8"}).om_batch == "dynamic"
+    with pytest.raises(ConfigError, match="om_batch dynamic with bs 4: ATC builds a dynamic-batch OM for 2 to 100"):
+        load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "4"})
+    with pytest.raises(ConfigError, match="om_batch: 'gears' is not static or dynamic"):
+        load_config(None, {"om_batch": "gears"})

@@ -1,10 +1,14 @@
 """OM backend: an ATC-converted FastPose on one Ascend NPU through ais_bench (spec ascend.md §1.10).
 
 A static OM has its batch baked in: the short last batch is padded by repeating its
-last crop and the padded rows are dropped. A dynamic-batch OM runs with
-``mode='dymbatch'`` at the smallest gear that holds the crops; its gears come from
-the ``.json`` that ``tasks.atc.convert_to_om`` writes beside it. Device seconds are
-the model executions ais_bench timed (``exec_time_list``), copies excluded.
+last crop and the padded rows are dropped. A dynamic-batch OM runs every call of a
+run at one gear, the smallest that holds ``batch_size`` (a sweep's gears are its
+batch sizes, so the run's own), with ``mode='dymbatch'``, and pads the short last
+batch the same way: a run then measures, and computes, what the static OM of its
+batch size does. Setting ``batch_size`` selects the gear again (a sweep's next run).
+The gears come from the ``.json`` that ``tasks.atc.convert_to_om`` writes beside it.
+Device seconds are the model executions ais_bench timed (``exec_time_list``), copies
+excluded.
 
 Three ais_bench generations are in use and all work here: the 2023 Ascend/tools
 mirror (``sumary()``, no ``out_array``, no ``free_resource``), ait's 2023 packaged
@@ -112,12 +116,14 @@ class OmBackend:
                 "`npu-smi info` for a busy or unhealthy device, and the soc_version the OM was built for "
                 f"(its .json) against this chip") from e
         self.path = path
-        self.batch_size = batch_size
+        self._batch_size = batch_size
+        self.gear: int | None = None  # the batch every call runs at, for a dynamic-batch OM
         self.variant = variant
         self._dtype = np.dtype(variant.input_dtype())
         self._item = tuple(variant.input_shape(0)[1:])
         try:
             self.gears = self._read_descriptors(gears)
+            self.batch_size = batch_size  # selects the gear
             # Method names, not bound methods: a bound method would keep the session
             # (and its model on the device) alive after close().
             self._summary_name, self._reset_name = summary_methods(self.session)
@@ -158,11 +164,22 @@ class OmBackend:
             if not gears:
                 raise OmModelError(f"OM {name} has a dynamic batch but {sidecar} lists no gears: convert it with "
                                    "tasks.atc.convert_to_om, or pass gears=")
-        gears = tuple(sorted(int(g) for g in gears))
-        if self.batch_size > gears[-1]:
-            raise OmModelError(f"--bs {self.batch_size} but OM {name} has batch gears {list(gears)}: "
-                               f"use --bs {gears[-1]} or less, or convert it with a larger gear")
-        return gears
+        return tuple(sorted(int(g) for g in gears))
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        """The most crops per call; on a dynamic-batch OM also the gear every call runs at."""
+        if self.gears is not None:
+            fits = [g for g in self.gears if g >= value]
+            if not fits:
+                raise OmModelError(f"--bs {value} but OM {self.path.name} has batch gears {list(self.gears)}: "
+                                   f"use --bs {self.gears[-1]} or less, or convert it with a larger gear")
+            self.gear = fits[0]
+        self._batch_size = value
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         n = len(x)
@@ -170,7 +187,7 @@ class OmBackend:
             raise ValueError(f"OmBackend.run got {n} crops; it takes 1..{self.batch_size}: split before calling")
         if tuple(x.shape[1:]) != self._item:
             raise ValueError(f"OmBackend.run got shape {list(x.shape)}; expected [n, {_dims(self._item)}]")
-        rows = self.batch_size if self.gears is None else next(g for g in self.gears if g >= n)
+        rows = self.batch_size if self.gear is None else self.gear
         feed = np.ascontiguousarray(x, dtype=self._dtype)
         if rows > n:
             feed = np.concatenate([feed, np.repeat(feed[-1:], rows - n, axis=0)])

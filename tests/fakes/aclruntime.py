@@ -40,6 +40,8 @@ execution is recorded as taking, so a test knows the device seconds to expect;
 soc_version fails to load like a real one does (spec §1.9). ``FAKE_ACL_LOG``, when
 set, is a file where each session appends one JSON line: pid, device_id and the
 ASCEND_RT_VISIBLE_DEVICES its process saw (what a Ray NPU actor was given).
+``FAKE_ACL_RUN_LOG``, when set, is a file where each execution call appends one JSON
+line: pid, model and the batch it ran at (the selected gear of a dynamic-batch OM).
 """
 from __future__ import annotations
 
@@ -209,6 +211,7 @@ class _Session2023:
                 f.write(json.dumps({"pid": os.getpid(), "device_id": device_id, "model": model_path,
                                     "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")}) + "\n")
         self.om = _load_om(model_path)
+        self.om_path = model_path
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -295,6 +298,10 @@ class _Session2023:
             raise RuntimeError("[1][ACL:invalid parameter]: session resources were freed")
         self._enter()
         feeds = self._feeds(inputs)
+        if os.environ.get("FAKE_ACL_RUN_LOG"):
+            with open(os.environ["FAKE_ACL_RUN_LOG"], "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "model": self.om_path, "batch": self._batch(True),
+                                    "dynamic": self.om["input_shape"][0] == -1}) + "\n")
         outputs = None
         fixed_ms = os.environ.get("FAKE_ACL_EXEC_MS")
         for _ in range(self._options.loop):
