@@ -244,5 +244,6 @@ def test_scale_bench_splits_the_whole_command(tmp_path):
     assert 100 < figures["driver_peak_rss_mb"] < 4000 and figures["evaluation_seconds"] > 0
     ann = json.loads((tmp_path / "models" / "scale" / "n40-seed0" / "annotations" /
                       "person_keypoints_val2017.json").read_text())
-    assert len(ann["images"]) == 40 and ann["images"][0]["height"] == 480  # one person per image below 5,000
+    # val2017's shape: 2 annotated persons an image (on up to 5,000 images), then the detector's extra boxes
+    assert len(ann["images"]) == 20 and len(ann["annotations"]) == 40 and ann["images"][0]["height"] == 480
     assert "40 boxes on 2 sim devices: the whole command" in proc.stdout
