@@ -8,25 +8,22 @@ from runner.config import ConfigError, load_config
 
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from cluster.devices import DeviceError
-    from cluster.errors import ClusterError
-    from cluster.npu_smi import NpuSmiUnavailable
-    from runner.errors import RunError
-    from runner.journal import JournalMismatch
-    from runner.report import ReportError
-    from tasks.atc import AtcError
-    from tasks.backends.base import BackendUnavailable
-    from tasks.dataset import DataError, ImageError
-    from tasks.detector import CfgError, WeightsError
-    from tasks.detector import ImageError as DetectorImageError
-    from tasks.evaluation import EvaluatorError
-    from tasks.export import ExportError
-    from tasks.model import CheckpointError
+#: The errors a user can fix, by module. Only those of modules already imported are
+#: looked up: a class whose module never loaded cannot have been raised, and importing
+#: tasks.model or tasks.detector to name theirs would cost a failed command torch's import.
+USER_ERRORS = (
+    ("runner.config", "ConfigError"), ("runner.report", "ReportError"), ("cluster.devices", "DeviceError"),
+    ("cluster.errors", "ClusterError"), ("cluster.npu_smi", "NpuSmiUnavailable"), ("runner.errors", "RunError"),
+    ("runner.journal", "JournalMismatch"), ("tasks.backends.base", "BackendUnavailable"),
+    ("tasks.dataset", "DataError"), ("tasks.dataset", "ImageError"), ("tasks.export", "ExportError"),
+    ("tasks.model", "CheckpointError"), ("tasks.atc", "AtcError"), ("tasks.detector.darknet_cfg", "CfgError"),
+    ("tasks.detector.darknet_weights", "WeightsError"), ("tasks.detector.preprocess", "ImageError"),
+    ("tasks.evaluation", "EvaluatorError"),
+)
 
-    return (ConfigError, ReportError, DeviceError, ClusterError, NpuSmiUnavailable, RunError, JournalMismatch,
-            BackendUnavailable, DataError, ImageError, ExportError, CheckpointError, AtcError,
-            CfgError, WeightsError, DetectorImageError, EvaluatorError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
 
 
 def run_parser() -> argparse.ArgumentParser:

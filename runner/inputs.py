@@ -17,7 +17,6 @@ from runner.errors import RunError
 from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
 from tasks.deploy import Variant
 from tasks.export import ExportOptions, export_onnx
-from tasks.model import build_fastpose, check_checkpoint
 from tasks.pipeline import prepare_batch
 
 CHECKPOINT_HELP = ("fast_res50_256x192.pth (162,603,012 bytes, sha256 "
@@ -50,6 +49,8 @@ def random_checkpoint(models_dir: str, seed: int) -> str:
     weights = Path(models_dir) / f"fastpose-random-seed{seed}.pth"
     if not weights.exists():
         import torch
+
+        from tasks.model import build_fastpose
 
         weights.parent.mkdir(parents=True, exist_ok=True)
         tmp = weights.with_suffix(".tmp")
@@ -216,6 +217,8 @@ def load_inputs(cfg: RunConfig) -> Inputs:
     box_set, weights, evaluated = resolve_inputs(cfg)
     check_images(box_set, cfg.skip_missing_images)
     if evaluated:  # before Ray starts: a wrong, truncated or unsafe file is named at once
+        from tasks.model import check_checkpoint  # torch, imported only where a checkpoint is read
+
         check_checkpoint(weights)
     if not box_set.boxes:
         raise RunError(f"{box_set.source}: no usable boxes ({len(box_set.skipped)} skipped)")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from tasks.deploy import Variant, deployed_module
-from tasks.model import build_fastpose
 from tasks.spec import FASTPOSE, file_sha256
 from tasks.transforms import crops_to_input
 
@@ -68,15 +67,16 @@ def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
     The model is refused (not cached) if ONNX Runtime's heatmaps differ from
     PyTorch's by more than 1e-3 on them.
     """
+    sha = file_sha256(checkpoint)
+    out = onnx_path_for(checkpoint, models_dir, options, sha)
+    if out.exists() and out.with_suffix(".json").exists():
+        return out
     import io
 
     import onnx
     import torch
 
-    sha = file_sha256(checkpoint)
-    out = onnx_path_for(checkpoint, models_dir, options, sha)
-    if out.exists() and out.with_suffix(".json").exists():
-        return out
+    from tasks.model import build_fastpose  # torch: only an export pays its import
 
     variant = options.variant
     model = deployed_module(build_fastpose(checkpoint), variant)

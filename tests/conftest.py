@@ -62,3 +62,31 @@ def data(synthetic_coco, random_checkpoint, models_dir) -> dict:
     expected = reference_keypoints(synthetic_coco["dataroot"], synthetic_coco["dets"], random_checkpoint)
     return {"coco": synthetic_coco, "ckpt": random_checkpoint, "models": models_dir, "box_ids": box_ids,
             "expected": expected}
+
+
+@pytest.fixture(scope="session")
+def exported(random_checkpoint, models_dir):
+    """``exported(dst, *options)``: ``dst`` as a ``--models-dir`` holding the random checkpoint under the
+    name ``--synthetic`` gives it and its ONNX for each ExportOptions, and nothing else (no OM).
+
+    Each export is made once per session in ``models_dir`` and hard-linked: a test that
+    counts ATC runs or sessions gets a fresh cache of those, without paying ~5 s of
+    PyTorch export per model again (``--synthetic``'s checkpoint is this one, byte for byte).
+    """
+    import os
+
+    from tasks.export import export_onnx, onnx_path_for
+
+    crops = np.random.default_rng(0).integers(0, 256, (4, 256, 192, 3), dtype=np.uint8)
+
+    def make(dst: Path, *options) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        os.link(random_checkpoint, dst / "fastpose-random-seed0.pth")
+        for option in options:
+            onnx = export_onnx(random_checkpoint, models_dir, option, crops)
+            for path in (onnx, onnx.with_suffix(".json")):
+                os.link(path, dst / path.name)
+            assert onnx_path_for(str(dst / "fastpose-random-seed0.pth"), str(dst), option).name == onnx.name
+        return dst
+
+    return make

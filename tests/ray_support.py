@@ -81,6 +81,19 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, check: bool = True)
     return proc
 
 
+def at_once(*calls):
+    """Independent CLI runs side by side; their results in order.
+
+    Most of a small run's wall time is Python, Ray and the workers starting, which
+    leaves the host's cores idle, and nothing a run writes depends on another running
+    (each has its own OUT, Ray and logs; a models dir they share holds finished files).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
 def config(data: dict, checkpoint: str, models_dir: str, out: Path, **overrides):
     """A RunConfig as the CLI would build it, for ``runner.driver.run`` in this process."""
     from runner.config import load_config

@@ -41,7 +41,7 @@ def check_complete(out, data: dict, devices: int) -> list[dict]:
     return json.loads((out / "devices.json").read_text())
 
 
-@pytest.mark.parametrize("npus", [1, 2, 4])
+@pytest.mark.parametrize("npus", [1, 4])  # one, and more than the host has cores
 def test_logical_npus_give_identical_keypoints(npus, tmp_path, data, local_ray):
     local_ray(num_cpus=2, resources={"NPU": npus})
     out = tmp_path / "out"

@@ -45,9 +45,9 @@ def det(tmp_path_factory):
     cfg = d / "w" / "yolov3-spp.cfg"
     real = REAL_CFG.is_file()
     cfg.write_text(REAL_CFG.read_text() if real else TINY_CFG)
-    # ~30 (real) or ~15 (tiny) boxes per image, so the pose stage after it stays quick.
+    # ~9 (real: 28 in all, 9 of them flat) or ~15 (tiny) boxes per image, so the pose stage after it stays quick.
     weights = seeded_weights(Darknet(parse_darknet_cfg(cfg)), d / "w" / "yolov3-spp.weights", 0, calib,
-                             obj_logit=-5.5 if real else -7.0)
+                             obj_logit=-6.0 if real else -7.0)
     return {"dir": d, "coco": coco, "weights": weights, "cfg": cfg, "models": d / "models", "runs": {}}
 
 
@@ -98,10 +98,10 @@ def max_differences(a: list[dict], b: list[dict]) -> tuple[float, float]:
     return box, max(abs(x["score"] - y["score"]) for x, y in zip(a, b))
 
 
-def test_torch_one_and_two_devices_write_identical_files_in_upstreams_order(det):
+def test_torch_writes_upstreams_file_in_upstreams_order(det):
+    """One device; on two, the pose run below detects with torch on cpu:2 and must write these bytes."""
     one = detect(det, "torch", "cpu", THREADS)
-    two = detect(det, "torch", "cpu:2", THREADS)
-    assert one["bytes"] == two["bytes"] == reference(det)
+    assert one["bytes"] == reference(det)
     records = json.loads(one["bytes"])
     ids = [r["image_id"] for r in records]
     assert ids == sorted(ids) and set(ids) == {1000, 1001, 1002} and len(records) > 10
@@ -109,8 +109,6 @@ def test_torch_one_and_two_devices_write_identical_files_in_upstreams_order(det)
         scores = [r["score"] for r in records if r["image_id"] == i]
         assert scores == sorted(scores, reverse=True)
     assert images_per_device(one["log"]) == {"cpu:0": 3}
-    shares = images_per_device(two["log"])
-    assert set(shares) == {"cpu:0", "cpu:1"} and sum(shares.values()) == 3 and min(shares.values()) >= 1
 
 
 def test_onnxruntime_one_and_two_devices_identical_and_close_to_torch(det):
@@ -151,7 +149,9 @@ def test_run_detects_a_missing_dets_file_first_then_poses(det, random_checkpoint
             "--bs", "16", "--models-dir", str(det["models"]), "--out", str(out)]
     proc = run_cli(args, cli_env(), tmp_path)
     assert "not there yet: detecting the persons of 3 images first" in proc.stdout
-    assert dets.read_bytes() == detect(det, "torch", "cpu", THREADS)["bytes"]
+    assert dets.read_bytes() == detect(det, "torch", "cpu", THREADS)["bytes"]  # two devices write one's file
+    shares = images_per_device(proc.stdout)
+    assert set(shares) == {"cpu:0", "cpu:1"} and sum(shares.values()) == 3 and min(shares.values()) >= 1
     n = len(json.loads(dets.read_bytes()))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["box_source"] == str(dets) and metrics["boxes"] == n and isinstance(metrics["AP"], float)

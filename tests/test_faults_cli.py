@@ -409,14 +409,14 @@ def test_out_that_cannot_be_written(tmp_path, models_dir):
 # ---------------------------------------------------------------- 16: an OM of another batch
 
 
-def test_om_of_another_batch_is_one_line(tmp_path, coco, random_checkpoint):
+def test_om_of_another_batch_is_one_line(tmp_path, coco, random_checkpoint, exported):
     """The cached OM for --bs 4 was in fact built for batch 8 (a file copied over it)."""
     import numpy as np
 
     from tasks.atc import convert_to_om
     from tasks.export import ExportOptions, export_onnx
 
-    models = tmp_path / "models"
+    models = exported(tmp_path / "models", ExportOptions(batch_size=4))
     crops = np.random.default_rng(0).integers(0, 256, (1, 256, 192, 3), dtype=np.uint8)
     onnx = export_onnx(random_checkpoint, str(models), ExportOptions(batch_size=4), crops)
     path = os.environ["PATH"]

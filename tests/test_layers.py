@@ -78,3 +78,24 @@ def test_no_import_cycle_inside_a_package(package):
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def test_the_command_and_a_failed_run_load_without_torch(tmp_path):
+    """PyTorch costs a command 1.2-1.8 s to import (2 cores): the driver, the sweep and the
+    pose worker import it only where a checkpoint is read or exported, so a command that
+    fails on its inputs answers at once, and a --synthetic run on cached models never loads it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, runpy\n"
+             "import runner.driver, runner.sweep, runner.bench, cluster.actor\n"
+             "assert 'torch' not in sys.modules, 'imported torch'\n"
+             "sys.argv = ['runner', '--dataroot', sys.argv[1], '--dets', 'd.json']\n"
+             "try:\n"
+             "    runpy.run_module('runner', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "nope")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "exit 2 False", proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"error: missing dataroot {tmp_path / 'nope'}")

@@ -7,8 +7,8 @@ fake atc, and each {"NPU": 1} actor opens InferSession(0, om), which runs that O
 with ONNX Runtime. Keypoints must equal the ONNX Runtime backend's exactly, on each of
 the three ais_bench generations the fakes model (tests/fakes/ais_bench/infer/interface.py):
 their timing forms differ, and in the two 2023 ones the session's context belongs to
-the thread that made it. Slow (~1 min on 2 cores, then ~15 s per generation): it exports
-the real FastPose twice (static and dynamic batch), once for all generations.
+the thread that made it. Each test's models dir starts with the session's ONNX exports
+hard-linked (conftest.py ``exported``) and no OM, so every ATC run it counts is its own.
 """
 import json
 import math
@@ -16,7 +16,9 @@ import sys
 
 import pytest
 
-from ray_support import assert_one_session_per_actor, cli_env, fake_npu_env, logged, run_cli
+from ray_support import assert_one_session_per_actor, at_once, cli_env, fake_npu_env, logged, run_cli
+from tasks.deploy import Variant
+from tasks.export import ExportOptions
 
 pytest.importorskip("ray")
 
@@ -25,12 +27,22 @@ EXEC_MS = 1.25  # what the fake records for every execution (FAKE_ACL_EXEC_MS)
 BS = 4
 
 
+#: What the runs here open: ONNX Runtime's default on a CPU (uint8 input, dynamic batch) and
+#: the static-batch exports ATC converts (on an NPU uint8 input is off unless asked for).
+ORT = ExportOptions(variant=Variant(uint8_input=True))
+
+
+def static_batch(bs: int, variant: Variant = Variant()) -> ExportOptions:
+    return ExportOptions(batch_size=bs, variant=variant)
+
+
 @pytest.fixture(scope="module")
-def onnxruntime_run(tmp_path_factory) -> dict:
-    """The reference run, and the models dir and conversion log the OM runs share (one export, one ATC run)."""
+def onnxruntime_run(tmp_path_factory, exported) -> dict:
+    """The reference run, and the models dir and conversion log the OM runs share (one ATC run)."""
     root = tmp_path_factory.mktemp("om-ray")
+    models = exported(root / "models", ORT, static_batch(BS))
     # 18 boxes, bs 4: shards of one batch spread over both devices, and a short last batch (2 boxes).
-    common = ["--synthetic", "18", "--bs", str(BS), "--shard-size", str(BS), "--models-dir", str(root / "models"),
+    common = ["--synthetic", "18", "--bs", str(BS), "--shard-size", str(BS), "--models-dir", str(models),
               "--quiet"]
     run_cli([*RUNNER, *common, "--devices", "cpu", "--backend", "onnxruntime", "--out", str(root / "ort")],
             cli_env(), root)
@@ -62,16 +74,17 @@ def test_om_on_two_fake_npus_equals_onnxruntime_on_cpu(onnxruntime_run, tmp_path
     assert sum(d["device_seconds"] for d in devices) == pytest.approx(10 * EXEC_MS / 1000, rel=1e-4)
 
 
-def test_fused_flip_uint8_om_on_fake_npus_equals_plain_onnxruntime(tmp_path):
+def test_fused_flip_uint8_om_on_fake_npus_equals_plain_onnxruntime(tmp_path, exported):
     """The fast variant through ATC and ais_bench: NHWC uint8 input (ND), one call per batch."""
-    models = tmp_path / "models"
+    models = exported(tmp_path / "models", ORT, static_batch(4, Variant(fused_flip=True, uint8_input=True)))
     common = ["--synthetic", "10", "--bs", "4", "--shard-size", "4", "--models-dir", str(models), "--quiet"]
     base = cli_env()
     npu_env = fake_npu_env(base, tmp_path, api="old")
 
-    run_cli([*RUNNER, *common, "--devices", "0,1", "--backend", "om", "--fused-flip", "--uint8-input",
-             "--out", str(tmp_path / "om")], npu_env, tmp_path)
-    run_cli([*RUNNER, *common, "--devices", "cpu", "--backend", "onnxruntime", "--out", str(tmp_path / "ort")], base, tmp_path)
+    at_once(lambda: run_cli([*RUNNER, *common, "--devices", "0,1", "--backend", "om", "--fused-flip", "--uint8-input",
+                             "--out", str(tmp_path / "om")], npu_env, tmp_path),
+            lambda: run_cli([*RUNNER, *common, "--devices", "cpu", "--backend", "onnxruntime",
+                             "--out", str(tmp_path / "ort")], base, tmp_path))
 
     om = json.loads((tmp_path / "om" / "keypoints.json").read_text())
     assert len(om) == 10 and om == json.loads((tmp_path / "ort" / "keypoints.json").read_text())
@@ -83,28 +96,33 @@ def test_fused_flip_uint8_om_on_fake_npus_equals_plain_onnxruntime(tmp_path):
     assert totals["crops"] == 20
 
 
-SWEEP = (1, 2, 4)
+SWEEP = (2, 4)
 
 
-def test_dynamic_batch_sweep_converts_once_selects_each_gear_and_equals_static(tmp_path):
-    """``--om-batch dynamic`` over three batch sizes: one ATC run (gears 1,2,4), one session per actor kept
+def test_dynamic_batch_sweep_converts_once_selects_each_gear_and_equals_static(tmp_path, exported):
+    """``--om-batch dynamic`` over two batch sizes: one ATC run (gears 2,4), one session per actor kept
     across the sweep, every call at its run's gear, and each bs's keypoints the static OM sweep's."""
     from itertools import groupby
 
+    models = exported(tmp_path / "models", ExportOptions(), *(static_batch(bs) for bs in SWEEP))
     common = ["--synthetic", "10", "--bs", ",".join(map(str, SWEEP)), "--shard-size", "4",
-              "--models-dir", str(tmp_path / "models"), "--devices", "0,1", "--backend", "om", "--quiet"]
+              "--models-dir", str(models), "--devices", "0,1", "--backend", "om", "--quiet"]
     logs = {kind: tmp_path / kind for kind in ("static", "dynamic")}
-    for kind, where in logs.items():
+
+    def sweep(kind: str):
+        where = logs[kind]
         where.mkdir()
         env = dict(fake_npu_env(cli_env(), where), FAKE_ACL_RUN_LOG=str(where / "runs.jsonl"))
-        run_cli([*RUNNER, *common, "--om-batch", kind, "--out", str(where / "out")], env, tmp_path)
+        return run_cli([*RUNNER, *common, "--om-batch", kind, "--out", str(where / "out")], env, tmp_path)
+
+    at_once(lambda: sweep("static"), lambda: sweep("dynamic"))  # distinct OM files, logs and OUTs
 
     static_argv, dynamic_argv = logged(logs["static"] / "atc.jsonl"), logged(logs["dynamic"] / "atc.jsonl")
     assert [next(a for a in argv if a.startswith("--input_shape=")) for argv in static_argv] == \
         [f"--input_shape=image:{bs},3,256,192" for bs in SWEEP]
     (argv,) = dynamic_argv  # converted once for the whole sweep
-    assert "--input_shape=image:-1,3,256,192" in argv and "--dynamic_batch_size=1,2,4" in argv
-    assert_one_session_per_actor(logged(logs["dynamic"] / "acl.jsonl"), "-Ascend310P3-g1_2_4.om")
+    assert "--input_shape=image:-1,3,256,192" in argv and "--dynamic_batch_size=2,4" in argv
+    assert_one_session_per_actor(logged(logs["dynamic"] / "acl.jsonl"), "-Ascend310P3-g2_4.om")
 
     calls = logged(logs["dynamic"] / "runs.jsonl")
     assert {c["dynamic"] for c in calls} == {True} and len({c["model"] for c in calls}) == 1

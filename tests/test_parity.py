@@ -1,4 +1,6 @@
-"""``--check-backend``: the run's first boxes once more through a reference backend, box by box."""
+"""``--check-backend``: the run's first boxes once more through a reference backend, box by box.
+
+On coco-mini's real images: test_cli.py::test_coco_mini_cpu_and_two_cpu_workers_identical."""
 from __future__ import annotations
 
 import json
@@ -8,12 +10,14 @@ import pytest
 
 pytest.importorskip("ray")
 
-from conftest import COCO_MINI, COCO_MINI_DETS, requires_shared  # noqa: E402
+from conftest import SHARED  # noqa: E402
 from ray_support import config  # noqa: E402
 from runner.driver import run  # noqa: E402
 from runner.parity import TOLERANCES, checked_boxes, tolerance_for, verdict  # noqa: E402
 
 
+@pytest.mark.skipif(SHARED.is_dir(), reason="coco-mini's real images cover it: "
+                    "test_cli.py::test_coco_mini_cpu_and_two_cpu_workers_identical")
 def test_onnxruntime_against_torch_on_the_synthetic_set(tmp_path, data):
     out = tmp_path / "out"
     run(config(data["coco"], data["ckpt"], data["models"], out, backend="onnxruntime", check_backend="torch",
@@ -23,18 +27,6 @@ def test_onnxruntime_against_torch_on_the_synthetic_set(tmp_path, data):
     assert parity["boxes"] == 6 == parity["matched"]  # 5 rounded up to whole batches of 2
     assert parity["max_abs_px"] < 1e-3 and parity["frac_within_1e-3px"] >= 0.995
     assert parity["verdict"] == "pass" and parity["tolerance"]["name"] == "fp32"
-
-
-@requires_shared
-def test_onnxruntime_against_torch_on_coco_mini(tmp_path, random_checkpoint, models_dir):
-    out = tmp_path / "out"
-    coco = {"dataroot": str(COCO_MINI), "dets": str(COCO_MINI_DETS)}
-    run(config(coco, random_checkpoint, models_dir, out, backend="onnxruntime", bs=(16,), shard_size=64,
-               check_backend="torch", check_boxes=32))
-    parity = json.loads((out / "parity.json").read_text())
-    assert parity["boxes"] == 32 == parity["matched"] and parity["unmatched_a"] == parity["unmatched_b"] == 0
-    assert parity["max_abs_px"] < 1e-3 and parity["frac_within_1e-3px"] >= 0.995
-    assert parity["verdict"] == "pass"
 
 
 def test_a_perturbed_reference_fails_the_verdict(tmp_path, data, monkeypatch):
@@ -75,16 +67,19 @@ def test_checked_boxes_are_whole_batches():
     assert checked_boxes(boxes, 1, 1) == [0] and len(checked_boxes(np.arange(10).tolist(), 8, 4)) == 8
 
 
-def test_om_against_the_checkpoint_on_fake_npus(tmp_path):
+def test_om_against_the_checkpoint_on_fake_npus(tmp_path, exported):
     """``--backend om --check-backend torch``: the OM-vs-pth check, the OM run through the fake ais_bench."""
     import sys
 
     from ray_support import cli_env, fake_npu_env, run_cli
+    from tasks.export import ExportOptions
+
+    models = exported(tmp_path / "models", ExportOptions(batch_size=4))
 
     out = tmp_path / "om"
     proc = run_cli([sys.executable, "-m", "runner", "--synthetic", "8", "--bs", "4", "--devices", "0,1",
                     "--backend", "om", "--check-backend", "torch", "--check-boxes", "4", "--threads", "2",
-                    "--models-dir", str(tmp_path / "models"), "--out", str(out)],
+                    "--models-dir", str(models), "--out", str(out)],
                    fake_npu_env(cli_env(), tmp_path), tmp_path)
     parity = json.loads((out / "parity.json").read_text())
     assert parity["backend"] == "om" and parity["reference_backend"] == "torch" and parity["boxes"] == 4

@@ -105,26 +105,6 @@ def test_a_late_worker_is_overtaken_by_a_copy_and_each_shard_counts_once(tmp_pat
     assert not tp["lost_devices"] and t["boxes"] == len(data["box_ids"])  # late, not lost
 
 
-@requires_shared
-def test_coco_mini_on_two_workers_gives_each_a_fair_share(tmp_path, random_checkpoint, models_dir):
-    coco = {"dataroot": str(COCO_MINI), "dets": str(COCO_MINI_DETS)}
-    out = tmp_path / "out"
-    run(config(coco, random_checkpoint, models_dir, out, backend="sim", sim_rate=100.0, bs=(16,), shard_size=64,
-               devices="cpu:2"))
-    tp = json.loads((out / "throughput.json").read_text())
-    crops = [d["crops"] for d in tp["devices"]]
-    assert len(crops) == 2 and sum(crops) == 236 and min(crops) >= 0.3 * 236, crops
-
-
-def test_a_small_run_still_gives_every_worker_two_shards(tmp_path, data):
-    out = tmp_path / "out"
-    # 18 boxes at bs 2 with --shard-size 64: 9 batches, 2 per shard for 2 workers.
-    run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", shard_size=64, devices="cpu:2"))
-    assert Journal.previous_fingerprint(out / "journal")["shard_boxes"] == 4
-    tp = json.loads((out / "throughput.json").read_text())
-    assert all(d["boxes"] >= 4 for d in tp["devices"]) and tp["totals"]["boxes"] == 18
-
-
 def test_losing_the_node_of_one_worker_completes_on_the_other(tmp_path, data, sim_expected):
     from ray.cluster_utils import Cluster
 
@@ -174,90 +154,6 @@ def test_a_killed_driver_resumes_to_identical_keypoints(tmp_path, data):
     assert sorted(journalled_box_ids(out)) == data["box_ids"]
 
 
-def test_a_full_disk_while_journalling_stops_with_one_line(tmp_path, data, monkeypatch):
-    out = tmp_path / "out"
-    real_add = Journal.add
-    calls = []
-
-    def add(self, result):
-        calls.append(result.shard_id)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        real_add(self, result)
-
-    monkeypatch.setattr(Journal, "add", add)
-    with pytest.raises(RunError) as error:
-        run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim"))
-    message = str(error.value)
-    assert "\n" not in message and message.startswith(f"{out / 'journal'}: cannot save a finished shard "
-                                                      "(No space left on device); the 2 shards saved before")
-    assert message.endswith("rerun the same command with --resume") and shards_landed(out) == 2
-    monkeypatch.setattr(Journal, "add", real_add)
-    run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", resume=True))
-    assert sorted(journalled_box_ids(out)) == data["box_ids"]
-
-
-def test_a_resume_of_a_finished_run_keeps_its_figures(tmp_path, data):
-    out = tmp_path / "out"
-    run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2"))
-    before = {name: (out / name).read_bytes() for name in ("throughput.json", "run.json", "keypoints.json")}
-    outcome = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
-                         resume=True))
-    assert {name: (out / name).read_bytes() for name in before} == before
-    assert outcome.throughput["totals"]["boxes"] == 18 and len(outcome.throughput["devices"]) == 2
-    # Without its throughput.json (a crash after the last shard), the figures come from the journal.
-    (out / "throughput.json").unlink()
-    outcome = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
-                         resume=True))
-    old = json.loads(before["throughput.json"])
-    new = outcome.throughput
-    assert new["totals"]["rebuilt_from_journal"] and new["totals"]["boxes"] == 18
-    assert sorted((d["id"], d["boxes"], d["crops"], d["bytes_to_device"]) for d in new["devices"]) == \
-        sorted((d["id"], d["boxes"], d["crops"], d["bytes_to_device"]) for d in old["devices"])
-
-
-def test_resume_retries_the_boxes_skipped_before(tmp_path, data):
-    import shutil
-
-    coco = dict(data["coco"])
-    root = tmp_path / "coco"
-    shutil.copytree(coco["dataroot"], root)
-    coco["dataroot"] = str(root)
-    image = sorted((root / "val2017").glob("*.jpg"))[0]
-    whole = image.read_bytes()
-    image.write_bytes(whole[: len(whole) // 2])  # truncated: its boxes are skipped
-    out = tmp_path / "out"
-    first = run(config(coco, data["ckpt"], data["models"], out, backend="sim"))
-    assert first.metrics["skipped"] > 0 and not first.metrics["complete"]
-    image.write_bytes(whole)  # the file is back
-    second = run(config(coco, data["ckpt"], data["models"], out, backend="sim", resume=True))
-    assert second.metrics["skipped"] == 0 and second.metrics["complete"]
-    assert second.metrics["results_before_nms"] == 18
-
-
-def test_resume_refuses_a_changed_annotation_file(tmp_path, data):
-    import shutil
-
-    coco = dict(data["coco"])
-    root = tmp_path / "coco"
-    shutil.copytree(coco["dataroot"], root)
-    ann = root / "annotations" / "person_keypoints_val2017.json"
-    out = tmp_path / "out"
-    cfg = config({"dataroot": str(root), "dets": None}, data["ckpt"], data["models"], out, backend="sim", boxes="gt")
-    run(cfg)
-    stamp = Journal.previous_fingerprint(out / "journal")
-    assert {"ann_sha256", "model_sha256", "soc_version", "device_kinds", "runner_version"} <= set(stamp)
-    assert stamp["device_kinds"] == ["cpu"] and stamp["box_source_sha256"] == "gt"
-    data_ann = json.loads(ann.read_text())
-    data_ann["annotations"][0]["keypoints"][2] = 0  # one GT keypoint hidden: the AP would change
-    ann.write_text(json.dumps(data_ann))
-    from runner.journal import JournalMismatch
-
-    with pytest.raises(JournalMismatch, match="--resume with different ann_sha256 than the interrupted run"):
-        run(config({"dataroot": str(root), "dets": None}, data["ckpt"], data["models"], out, backend="sim",
-                   boxes="gt", resume=True))
-
-
 def test_a_worker_dead_between_batch_sizes_is_dropped_and_the_sweep_goes_on(tmp_path, data):
     from runner.sweep import run_sweep
 
@@ -283,12 +179,123 @@ def test_a_worker_dead_between_batch_sizes_is_dropped_and_the_sweep_goes_on(tmp_
     assert (out / "summary.json").exists()
 
 
-def test_a_sweep_dumps_each_batch_size_into_its_own_directory(tmp_path, data):
-    from runner.sweep import run_sweep
+@pytest.fixture(scope="class")
+def one_ray():
+    """One private Ray for a class of in-process runs. Each run joins it (a Ray the caller
+    started: ``Session.existing``) instead of starting and stopping its own, about 4 s a run."""
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
 
-    out = tmp_path / "out"
-    run_sweep(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", bs=(1, 2), dump_heatmaps=True))
-    for bs in (1, 2):
-        dumps = sorted((out / f"bs{bs}" / "heatmaps").glob("shard-*.npz"))
-        ids = np.concatenate([np.load(p)["box_ids"] for p in dumps])
-        assert sorted(ids.tolist()) == data["box_ids"], bs
+
+@pytest.mark.usefixtures("one_ray")
+class TestOnOneRay:
+    """Journal, resume and share rules: what they check happens in the driver, whichever Ray runs the workers."""
+
+    @requires_shared
+    def test_coco_mini_on_two_workers_gives_each_a_fair_share(self, tmp_path, random_checkpoint, models_dir):
+        coco = {"dataroot": str(COCO_MINI), "dets": str(COCO_MINI_DETS)}
+        out = tmp_path / "out"
+        run(config(coco, random_checkpoint, models_dir, out, backend="sim", sim_rate=100.0, bs=(16,), shard_size=64,
+                   devices="cpu:2"))
+        tp = json.loads((out / "throughput.json").read_text())
+        crops = [d["crops"] for d in tp["devices"]]
+        assert len(crops) == 2 and sum(crops) == 236 and min(crops) >= 0.3 * 236, crops
+
+    def test_a_small_run_still_gives_every_worker_two_shards(self, tmp_path, data):
+        out = tmp_path / "out"
+        # 18 boxes at bs 2 with --shard-size 64: 9 batches, 2 per shard for 2 workers.
+        run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", shard_size=64, devices="cpu:2"))
+        assert Journal.previous_fingerprint(out / "journal")["shard_boxes"] == 4
+        tp = json.loads((out / "throughput.json").read_text())
+        assert all(d["boxes"] >= 4 for d in tp["devices"]) and tp["totals"]["boxes"] == 18
+
+    def test_a_full_disk_while_journalling_stops_with_one_line(self, tmp_path, data, monkeypatch):
+        out = tmp_path / "out"
+        real_add = Journal.add
+        calls = []
+
+        def add(self, result):
+            calls.append(result.shard_id)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+            real_add(self, result)
+
+        monkeypatch.setattr(Journal, "add", add)
+        with pytest.raises(RunError) as error:
+            run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim"))
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(f"{out / 'journal'}: cannot save a finished shard "
+                                                          "(No space left on device); the 2 shards saved before")
+        assert message.endswith("rerun the same command with --resume") and shards_landed(out) == 2
+        monkeypatch.setattr(Journal, "add", real_add)
+        run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", resume=True))
+        assert sorted(journalled_box_ids(out)) == data["box_ids"]
+
+    def test_a_resume_of_a_finished_run_keeps_its_figures(self, tmp_path, data):
+        out = tmp_path / "out"
+        run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2"))
+        before = {name: (out / name).read_bytes() for name in ("throughput.json", "run.json", "keypoints.json")}
+        outcome = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
+                             resume=True))
+        assert {name: (out / name).read_bytes() for name in before} == before
+        assert outcome.throughput["totals"]["boxes"] == 18 and len(outcome.throughput["devices"]) == 2
+        # Without its throughput.json (a crash after the last shard), the figures come from the journal.
+        (out / "throughput.json").unlink()
+        outcome = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
+                             resume=True))
+        old = json.loads(before["throughput.json"])
+        new = outcome.throughput
+        assert new["totals"]["rebuilt_from_journal"] and new["totals"]["boxes"] == 18
+        assert sorted((d["id"], d["boxes"], d["crops"], d["bytes_to_device"]) for d in new["devices"]) == \
+            sorted((d["id"], d["boxes"], d["crops"], d["bytes_to_device"]) for d in old["devices"])
+
+    def test_resume_retries_the_boxes_skipped_before(self, tmp_path, data):
+        import shutil
+
+        coco = dict(data["coco"])
+        root = tmp_path / "coco"
+        shutil.copytree(coco["dataroot"], root)
+        coco["dataroot"] = str(root)
+        image = sorted((root / "val2017").glob("*.jpg"))[0]
+        whole = image.read_bytes()
+        image.write_bytes(whole[: len(whole) // 2])  # truncated: its boxes are skipped
+        out = tmp_path / "out"
+        first = run(config(coco, data["ckpt"], data["models"], out, backend="sim"))
+        assert first.metrics["skipped"] > 0 and not first.metrics["complete"]
+        image.write_bytes(whole)  # the file is back
+        second = run(config(coco, data["ckpt"], data["models"], out, backend="sim", resume=True))
+        assert second.metrics["skipped"] == 0 and second.metrics["complete"]
+        assert second.metrics["results_before_nms"] == 18
+
+    def test_resume_refuses_a_changed_annotation_file(self, tmp_path, data):
+        import shutil
+
+        coco = dict(data["coco"])
+        root = tmp_path / "coco"
+        shutil.copytree(coco["dataroot"], root)
+        ann = root / "annotations" / "person_keypoints_val2017.json"
+        out = tmp_path / "out"
+        cfg = config({"dataroot": str(root), "dets": None}, data["ckpt"], data["models"], out, backend="sim", boxes="gt")
+        run(cfg)
+        stamp = Journal.previous_fingerprint(out / "journal")
+        assert {"ann_sha256", "model_sha256", "soc_version", "device_kinds", "runner_version"} <= set(stamp)
+        assert stamp["device_kinds"] == ["cpu"] and stamp["box_source_sha256"] == "gt"
+        data_ann = json.loads(ann.read_text())
+        data_ann["annotations"][0]["keypoints"][2] = 0  # one GT keypoint hidden: the AP would change
+        ann.write_text(json.dumps(data_ann))
+        from runner.journal import JournalMismatch
+
+        with pytest.raises(JournalMismatch, match="--resume with different ann_sha256 than the interrupted run"):
+            run(config({"dataroot": str(root), "dets": None}, data["ckpt"], data["models"], out, backend="sim",
+                       boxes="gt", resume=True))
+
+    def test_a_sweep_dumps_each_batch_size_into_its_own_directory(self, tmp_path, data):
+        from runner.sweep import run_sweep
+
+        out = tmp_path / "out"
+        run_sweep(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", bs=(1, 2), dump_heatmaps=True))
+        for bs in (1, 2):
+            dumps = sorted((out / f"bs{bs}" / "heatmaps").glob("shard-*.npz"))
+            ids = np.concatenate([np.load(p)["box_ids"] for p in dumps])
+            assert sorted(ids.tolist()) == data["box_ids"], bs

@@ -1,6 +1,6 @@
 """``--bs 1,4``: one run per batch size in one command, the summary files and plot, and ``report``.
 
-Each sweep runs once per module (two CPU workers, ONNX Runtime, small shards) and the
+The sweep runs once per module (two CPU workers, ONNX Runtime, small shards) and the
 tests read its files back: every figure in the summary must be the one the run's own
 metrics.json and throughput.json hold.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import COCO_MINI, COCO_MINI_DETS, REPO, SHARED
+from conftest import REPO
 from runner.report import PLOT_SIZE, compare, knee, load_runs, throughput_figure
 from tasks.spec import file_sha256
 
@@ -38,21 +38,20 @@ def read(path: Path):
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="module", params=["synthetic", "coco-mini"])
-def sweep(request, tmp_path_factory, synthetic_coco, random_checkpoint, models_dir) -> dict:
-    """A finished ``--bs 1,4 --devices cpu:2`` sweep: its OUT, stdout, inputs and expected crops per bs."""
-    if request.param == "coco-mini":
-        if not SHARED.is_dir():
-            pytest.skip("../shared (reference data) is absent: a user's clone has none")
-        dataroot, dets, crops, shard = str(COCO_MINI), str(COCO_MINI_DETS), 236, "32"
-    else:
-        dataroot, dets, crops, shard = synthetic_coco["dataroot"], synthetic_coco["dets"], 36, "8"
-    out = tmp_path_factory.mktemp(f"sweep-{request.param}") / "out"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, synthetic_coco, random_checkpoint, models_dir) -> dict:
+    """A finished ``--bs 1,4 --devices cpu:2`` sweep of the synthetic set: its OUT, stdout, inputs, crops per bs.
+
+    The sweep's numerics are a single run's (test_cli.py holds those against coco-mini),
+    so real images here would only cost time: 236 crops per batch size instead of 36.
+    """
+    dataroot, dets, crops, shard = synthetic_coco["dataroot"], synthetic_coco["dets"], 36, "8"
+    out = tmp_path_factory.mktemp("sweep") / "out"
     inputs = ["--dataroot", dataroot, "--dets", dets, "--weights", random_checkpoint, "--models-dir", models_dir]
     proc = runner(*inputs, "--bs", ",".join(map(str, SIZES)), "--devices", "cpu:2", "--backend", "onnxruntime",
                   "--shard-size", shard, "--out", str(out))
     return {"out": out, "stdout": proc.stdout, "crops": crops, "inputs": inputs, "dets": dets,
-            "ckpt": random_checkpoint, "name": request.param}
+            "ckpt": random_checkpoint}
 
 
 def test_sweep_writes_one_run_per_batch_size(sweep):
@@ -180,8 +179,6 @@ def test_run_json_describes_the_run(sweep):
 
 def test_report_rerenders_and_compares(sweep, tmp_path):
     """``report SWEEP SINGLE``: the summary again, and torch at bs 4 against the sweep per common bs."""
-    if sweep["name"] != "synthetic":
-        pytest.skip("the synthetic sweep covers report; torch on coco-mini would only cost time")
     saved = (sweep["out"] / "summary.md").read_text()
     (sweep["out"] / "summary.md").unlink()
     single = tmp_path / "torch-bs4"
@@ -209,8 +206,6 @@ def test_report_rerenders_and_compares(sweep, tmp_path):
 
 def test_resume_continues_per_batch_size(sweep, tmp_path):
     """A sweep cut off after bs 1: --resume keeps bs 1 as it was and runs bs 4."""
-    if sweep["name"] != "synthetic":
-        pytest.skip("the synthetic sweep covers resume; coco-mini would only cost time")
     out = tmp_path / "out"
     shutil.copytree(sweep["out"], out)
     shutil.rmtree(out / "bs4")
