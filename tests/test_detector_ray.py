@@ -51,11 +51,11 @@ def det(tmp_path_factory):
     return {"dir": d, "coco": coco, "weights": weights, "cfg": cfg, "models": d / "models", "runs": {}}
 
 
-def detect(det: dict, backend: str, devices: str, threads: str, env: dict | None = None) -> dict:
-    """`runner detect` once per (backend, devices, threads): the file's bytes and its log."""
-    key = (backend, devices, threads)
+def detect(det: dict, backend: str, devices: str, threads: str, env: dict | None = None, tag: str = "") -> dict:
+    """`runner detect` once per (backend, devices, threads, tag): the file's bytes and its log."""
+    key = (backend, devices, threads, tag)
     if key not in det["runs"]:
-        out = det["dir"] / f"dets-{backend}-{devices.replace(':', '_').replace(',', '_')}-t{threads}.json"
+        out = det["dir"] / f"dets-{backend}{tag}-{devices.replace(':', '_').replace(',', '_')}-t{threads}.json"
         proc = run_cli([sys.executable, "-m", "runner", "detect", "--dataroot", det["coco"]["dataroot"],
                         "--weights", str(det["weights"]), "--out", str(out), "--devices", devices,
                         "--backend", backend, "--threads", threads, "--models-dir", str(det["models"])],
@@ -124,17 +124,23 @@ def test_onnxruntime_one_and_two_devices_identical_and_close_to_torch(det):
     assert list(det["models"].glob("yolov3spp-*-b1.onnx"))  # one static-batch export, cached
 
 
-def test_om_on_two_fake_npus_equals_onnxruntime(det, tmp_path):
-    env = fake_npu_env(cli_env(), tmp_path)
-    om = detect(det, "om", "0,1", "1", env)
+@pytest.mark.parametrize("api", ["new", "old"])  # old: a 2023 build, whose context belongs to one thread
+def test_om_on_two_fake_npus_equals_onnxruntime(det, tmp_path, api):
+    """The detector's OM session is opened, run and closed on one thread of each actor; the
+    2023 fakes raise ACL 107002 on a call from any other."""
+    env = fake_npu_env(cli_env(), tmp_path, api=api)
+    om = detect(det, "om", "0,1", "1", env, tag=api)
     ort = detect(det, "onnxruntime", "cpu", "1")
     box, score = max_differences(json.loads(om["bytes"]), json.loads(ort["bytes"]))
     print(f"om (fake) vs onnxruntime: max |bbox| {box:.3g} px, max |score| {score:.3g}")
     assert om["bytes"] == ort["bytes"]
     shares = images_per_device(om["log"])
     assert set(shares) == {"npu:0", "npu:1"} and sum(shares.values()) == 3 and min(shares.values()) >= 1
-    (argv,) = logged(tmp_path / "atc.jsonl")  # converted once
-    assert "--input_shape=input:1,3,608,608" in argv and "--soc_version=Ascend310P3" in argv
+    # Converted once in the module: by whichever generation's run comes first, reused by the other.
+    converted = logged(tmp_path / "atc.jsonl") if (tmp_path / "atc.jsonl").exists() else []
+    assert len(converted) == (0 if det.setdefault("om_converted", api) != api else 1)
+    for argv in converted:
+        assert "--input_shape=input:1,3,608,608" in argv and "--soc_version=Ascend310P3" in argv
     assert_one_session_per_actor(logged(tmp_path / "acl.jsonl"), "-Ascend310P3-b1.om")
     (sidecar,) = [json.loads(p.read_text()) for p in det["models"].glob("yolov3spp-*-b1.json")]
     assert sidecar["input"] == {"name": "input", "shape": [1, 3, 608, 608]} and sidecar["batch_size"] == 1
