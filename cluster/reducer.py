@@ -80,17 +80,6 @@ def dominant_stage(stages: dict[str, float]) -> str | None:
     return best if work[best] > 0 else None
 
 
-def host_thread_bound(wall_seconds: float, prep_threads: int, in_flight: int) -> dict[str, float]:
-    """The most host seconds a worker's threads can log in ``wall_seconds``.
-
-    Prep stages run only on the worker's ``prep_threads`` (one pool shared by its shards);
-    shard stages only on the threads running ``run_shard``: at most ``in_flight`` at once
-    (the actor's max_concurrency). Each thread logs at most the wall time.
-    """
-    return {"prep": wall_seconds * prep_threads, "shard": wall_seconds * in_flight,
-            "all": wall_seconds * (prep_threads + in_flight)}
-
-
 @dataclass
 class Merged:
     box_ids: np.ndarray

@@ -126,10 +126,11 @@ def load_config(config_file: str | None = None, overrides: dict | None = None) -
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
     if values["om_batch"] not in ("static", "dynamic"):
         raise ConfigError(f"om_batch: {values['om_batch']!r} is not static or dynamic")
-    if values["om_batch"] == "dynamic" and values["backend"] == "om" and len(set(values["bs"])) < 2:
-        # ATC's rule (spec ascend.md §3.4): a dynamic-batch OM has 2 to 100 gears.
-        raise ConfigError(f"om_batch dynamic with bs {values['bs'][0]}: ATC builds a dynamic-batch OM for 2 to 100 "
-                          "batch sizes (gears); give two or more (--bs 1,4,8) or use --om-batch static")
+    if values["om_batch"] == "dynamic" and not 2 <= len(set(values["bs"])) <= 100:
+        # ATC's rule (spec ascend.md §3.4, its E10035): a dynamic-batch OM has 2 to 100 gears, the batch sizes.
+        raise ConfigError(f"om_batch dynamic with bs {','.join(map(str, values['bs']))}: ATC builds a dynamic-batch "
+                          "OM for 2 to 100 batch sizes (gears); give two or more (--bs 1,4,8) or use "
+                          "--om-batch static")
     if values["shard_size"] < 1:
         raise ConfigError("shard_size: must be at least 1")
     return RunConfig(**values)

@@ -278,5 +278,7 @@ def test_om_batch_is_static_by_default_and_dynamic_needs_two_sizes():
     assert load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "1,4,8"}).om_batch == "dynamic"
     with pytest.raises(ConfigError, match="om_batch dynamic with bs 4: ATC builds a dynamic-batch OM for 2 to 100"):
         load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "4"})
+    with pytest.raises(ConfigError, match="om_batch dynamic with bs 1,2,.*,101: ATC builds"):  # auto may mean om
+        load_config(None, {"om_batch": "dynamic", "bs": ",".join(map(str, range(1, 102)))})
     with pytest.raises(ConfigError, match="om_batch: 'gears' is not static or dynamic"):
         load_config(None, {"om_batch": "gears"})
