@@ -1,28 +1,25 @@
-"""The per-device worker: one process, one device, one inference session.
+"""The pose stage's device worker: boxes -> crops -> network (normal and mirrored) -> keypoints.
 
-``Worker`` is a plain class; the driver turns it into a Ray actor with
-``ray.remote(...)(Worker)`` and the resources that pin it to its device. It holds
-no numerics of its own: prefetch threads prepare crops and network inputs and
-queue them for one device thread, which makes the backend calls of
-``tasks.pipeline`` back to back; the shard's own thread merges and decodes. It
-returns keypoints keyed by box id, never heatmaps unless asked to dump them on
-its own side.
+``Worker`` is a ``cluster.worker.DeviceWorker``: its device thread owns the session
+and makes the backend calls of ``tasks.pipeline`` back to back. It holds no numerics
+of its own: prefetch threads prepare crops and network inputs and queue them for
+the device thread; the shard's own thread merges and decodes. It returns keypoints
+keyed by box id, never heatmaps unless asked to dump them on its own side.
 """
 from __future__ import annotations
 
 import os
-import queue
-import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from cluster.worker import DeviceWorker, WorkerPlace
 from tasks.backends import open_backend
 from tasks.dataset import Box, ImageError, read_rgb
 from tasks.deploy import Variant
@@ -30,25 +27,16 @@ from tasks.decode import decode_keypoints
 from tasks.pipeline import PreparedBatch, merge_outputs, network_inputs, prepare_batch, run_network, warm_up
 
 
-#: The variable Ray sets to pin an actor to its accelerator, by slot kind (spec ascend.md §4.3).
-VISIBILITY_VARS = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
-
-
 @dataclass(frozen=True)
 class WorkerConfig:
-    backend: str
+    place: WorkerPlace
     model_path: str
-    device: str  # what the backend opens, as this process sees it: 'cpu', 'cuda:0', 'npu:0'
-    label: str  # provisional; the driver names the device once Ray has placed the actor
-    kind: str  # the slot the actor holds: 'cpu' | 'cuda' | 'npu'
     batch_size: int
-    threads: int
     prep_threads: int = 1
     flip: bool = True
     dump_dir: str | None = None  # write merged heatmaps here, per shard
     variant: Variant = Variant()  # what the model file computes (tasks.deploy)
     sim_rate: float = 0.0  # network inputs per second, for the sim backend
-    opencv_threads: int = 0  # OpenCV's pool in this process (cluster.placement.opencv_threads); 0: its default
 
 
 @dataclass
@@ -108,27 +96,19 @@ class _ImageCache:
         return image
 
 
-class Worker:
+class Worker(DeviceWorker):
     def __init__(self, config: WorkerConfig) -> None:
-        self.config = config
-        if config.opencv_threads:
-            import cv2
-
-            cv2.setNumThreads(config.opencv_threads)
-        self.backend = None  # the device thread's: it opens, runs and closes it
-        # One thread owns the session: ais_bench sessions are not thread-safe, and before
-        # 2024 the ACL context is current only on the thread that made the session. That
-        # thread also runs the prepared batches of every shard back to back: after a call
-        # it takes the next queued item at once (handing the device between shard threads
-        # through a lock cost ~1.2 ms per batch in waking the next holder, measured, sim
-        # backend). Items are (inputs, future) from _prepare, or (command, future).
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        opened: Future = Future()
-        self._device_thread = threading.Thread(target=self._device_loop, args=(opened,), name="device", daemon=True)
-        self._device_thread.start()
-        opened.result()  # an open error is raised here, so the actor fails to start with its line
+        super().__init__(config)
         self._images = _ImageCache()
         self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
+
+    def open_session(self, config: WorkerConfig):
+        place = config.place
+        return open_backend(place.backend, config.model_path, place.compute_device, config.batch_size,
+                            place.threads, config.variant, config.sim_rate)
+
+    def warm_up(self, backend, config: WorkerConfig) -> None:
+        warm_up(backend, config.flip)
 
     def set_batch(self, model_path: str, batch_size: int, dump_dir: str | None = None) -> None:
         """Run the next shards at ``batch_size`` (a sweep's next run), dumping heatmaps to ``dump_dir``.
@@ -137,76 +117,27 @@ class Worker:
         built per batch size); a dynamic-batch session (ONNX, torch) is kept. The
         work runs on the device thread; its error is raised here.
         """
-        self._submit(lambda: self._rebatch(model_path, batch_size, dump_dir)).result()
+        new = replace(self.config, model_path=model_path, batch_size=batch_size, dump_dir=dump_dir)
+        self.on_device(partial(self._rebatch, new)).result()
 
-    def _rebatch(self, model_path: str, batch_size: int, dump_dir: str | None) -> None:
-        """On the device thread. A failed reopen leaves no session (and no model loaded), the config unchanged."""
-        old = self.config
-        new = replace(old, model_path=model_path, batch_size=batch_size, dump_dir=dump_dir)
-        if model_path != old.model_path or self.backend is None:
-            self._close_backend()  # before the next loads: one model on the device at a time
-            self.backend = self._open_warm(new)
-        elif batch_size != old.batch_size:
-            self.backend.batch_size = batch_size
-            warm_up(self.backend, new.flip)
+    def _rebatch(self, new: WorkerConfig) -> None:
+        """On the device thread."""
+        if new.model_path != self.config.model_path or self.session is None:
+            self.reopen(new)
+            return
+        if new.batch_size != self.config.batch_size:
+            self.session.batch_size = new.batch_size
+            warm_up(self.session, new.flip)
         self.config = new
 
-    @staticmethod
-    def _open(cfg: WorkerConfig):
-        return open_backend(cfg.backend, cfg.model_path, cfg.device, cfg.batch_size, cfg.threads,
-                            cfg.variant, cfg.sim_rate)
-
-    def _open_warm(self, cfg: WorkerConfig):
-        """Open and warm up (setup, not throughput: before the first shard); closed again if warm-up fails."""
-        backend = self._open(cfg)
-        try:
-            warm_up(backend, cfg.flip)
-        except BaseException:
-            backend.close()
-            raise
-        return backend
-
-    def _close_backend(self) -> None:
-        backend, self.backend = self.backend, None  # dropped even if close() raises
-        if backend is not None:
-            backend.close()
-
-    def _submit(self, command: Callable[[], object]) -> Future:
-        """Queue ``command()`` for the device thread; its result or error comes back through the future."""
-        if not self._device_thread.is_alive():
-            raise RuntimeError(f"worker {self.config.label} is closed")
-        done: Future = Future()
-        self._queue.put((command, done))
-        return done
-
-    def describe(self) -> dict:
-        return describe_placement(self.config)
-
-    def _device_loop(self, opened: Future) -> None:
-        """The device thread: opens the backend, then runs queued items until close() stops it.
-
-        A batch gives (outputs, device seconds, seconds held); a command its own result.
-        """
-        try:
-            self.backend = self._open_warm(self.config)
-        except BaseException as e:
-            opened.set_exception(e)
-            return
-        opened.set_result(None)
-        while (item := self._queue.get()) is not None:
-            work, done = item
-            try:
-                done.set_result(work() if callable(work) else self._run_batch(work))
-            except BaseException as e:  # raised again in the thread that queued it
-                done.set_exception(e)
-
     def _run_batch(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float, float, list[float]]:
-        """(outputs, device seconds, seconds held, device seconds of each call)."""
-        if self.backend is None:
-            raise RuntimeError(f"{self.config.label}: no open session: the last set_batch failed to open its model")
+        """On the device thread: (outputs, device seconds, seconds held, device seconds of each call)."""
+        if self.session is None:
+            raise RuntimeError(f"{self.config.place.label}: no open session: the last set_batch failed to open "
+                               "its model")
         t0 = time.perf_counter()
         # one run_network per input array, so each call's own device seconds are kept
-        calls = [run_network(self.backend, [x]) for x in inputs]
+        calls = [run_network(self.session, [x]) for x in inputs]
         held = time.perf_counter() - t0
         per_call = [s for _, s in calls]
         return [y for ys, _ in calls for y in ys], sum(per_call), held, per_call
@@ -225,15 +156,14 @@ class Worker:
             except ImageError as e:
                 skipped += [(b.id, str(e)) for b in boxes if b.image_id == image_id]
         usable = [b for b in boxes if b.image_id in images]
-        on_device: Future = Future()
         t1 = time.perf_counter()
         if not usable:
-            return None, skipped, [], on_device, {"read_decode": t1 - t0}
+            return None, skipped, [], Future(), {"read_decode": t1 - t0}
         prepared = prepare_batch(usable, images)
         t2 = time.perf_counter()
         inputs = network_inputs(prepared.crops, self.config.variant, self.config.flip)
         t3 = time.perf_counter()
-        self._queue.put((inputs, on_device))
+        on_device = self.on_device(partial(self._run_batch, inputs))
         return prepared, skipped, inputs, on_device, {"read_decode": t1 - t0, "crop": t2 - t1, "input": t3 - t2}
 
     def run_shard(self, shard: Shard) -> ShardResult:
@@ -241,7 +171,7 @@ class Worker:
         started = time.time()
         batches = [shard.boxes[i:i + cfg.batch_size] for i in range(0, len(shard.boxes), cfg.batch_size)]
         futures = [self._prep.submit(self._prepare, b, shard.image_paths) for b in batches]
-        result = ShardResult(shard.id, cfg.label, np.zeros(0, np.int64),
+        result = ShardResult(shard.id, cfg.place.label, np.zeros(0, np.int64),
                              np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=started)
         ids, kpts, crop_boxes, dumps, per_call = [], [], [], [], []
         stages = dict.fromkeys(HOST_STAGES, 0.0)
@@ -289,45 +219,8 @@ class Worker:
         return result
 
     def close(self) -> None:
-        """Close the session on the device thread, then stop it; idempotent."""
-        if not self._device_thread.is_alive():
-            return
         self._prep.shutdown(wait=False)
-        closed = self._submit(self._close_backend)
-        self._queue.put(None)
-        self._device_thread.join()
-        closed.result()
-
-
-def describe_placement(cfg) -> dict:
-    """Where a worker landed: the driver names the device from it and writes OUT/devices.json.
-
-    ``cfg``: a worker config (``WorkerConfig`` or the detector's) with label, kind,
-    device, backend and threads. ``visible_devices`` is the visibility variable Ray set
-    for this actor (ASCEND_RT_VISIBLE_DEVICES for an NPU slot, CUDA_VISIBLE_DEVICES for
-    a GPU): one id per actor when pinning works.
-    """
-    node_id, node_ip, accelerator_ids = _ray_placement()
-    host = socket.gethostname()
-    var = VISIBILITY_VARS.get(cfg.kind)
-    return {"device": cfg.label, "kind": cfg.kind, "compute_device": cfg.device, "backend": cfg.backend,
-            # Simulated nodes share a hostname; the node id prefix tells them apart.
-            "node": f"{host}/{node_id[:8]}" if node_id else host, "host": host, "node_ip": node_ip,
-            "node_id": node_id, "pid": os.getpid(), "accelerator_ids": accelerator_ids,
-            "visible_devices": os.environ.get(var) if var else None, "threads": cfg.threads}
-
-
-def _ray_placement() -> tuple[str, str, dict[str, list[str]]]:
-    """(node id, node IP, accelerator ids by resource) when running in a Ray actor."""
-    try:
-        import ray
-    except ImportError:
-        return "", "", {}
-    if not ray.is_initialized():  # a plain Worker, outside Ray
-        return "", "", {}
-    ctx = ray.get_runtime_context()
-    ids = {k: list(v) for k, v in ctx.get_accelerator_ids().items() if v}
-    return ctx.get_node_id(), ray.util.get_node_ip_address(), ids
+        super().close()
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

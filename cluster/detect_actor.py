@@ -1,29 +1,30 @@
-"""The detector's per-device worker: one process, one device, one detector session.
+"""The detector's device worker: a shard of images -> their person records, one image at a time.
 
-``DetectWorker`` is a plain class; the driver (``runner.detect``) turns it into a Ray
-actor with the same placement, resources and visibility pinning as the pose
-``Worker`` (``cluster.pool.ActorPool``). It holds no numerics of its own: each
-image of a shard goes through ``tasks.detector.detect_image`` and the records come
-back in the shard's image order.
+``DetectWorker`` is a ``cluster.worker.DeviceWorker``, placed, pinned, warmed up and
+closed as the pose ``Worker`` is. It holds no numerics of its own: each image is
+read and checked (``tasks.dataset.read_bgr``: a truncated or undecodable file is
+refused with its reason, passing read errors are retried), letterboxed, run through
+the network on the device thread, and decoded (``tasks.detector``). Two shards run
+at once, so one's letterbox and decode overlap the other's network call.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
-from cluster.actor import describe_placement
-from tasks.detector import ImageError, detect_image, open_detector
+import numpy as np
+
+from cluster.worker import DeviceWorker, WorkerPlace
+from tasks.dataset import ImageError, read_bgr
+from tasks.detector import YOLOV3_SPP, image_records, letterbox_bgr_to_rgb_input, open_detector
 
 
 @dataclass(frozen=True)
 class DetectWorkerConfig:
-    backend: str  # torch | onnxruntime | om
+    place: WorkerPlace
     model_path: str  # .weights (torch), .onnx (onnxruntime) or .om, as prepared by the driver
     cfg_path: str  # the Darknet .cfg: the network (torch) and the yolo heads the decode needs
-    device: str  # what the backend opens, as this process sees it: 'cpu', 'cuda:0', 'npu:0'
-    label: str  # provisional; the driver names the device once Ray has placed the actor
-    kind: str  # the slot the actor holds: 'cpu' | 'cuda' | 'npu'
-    threads: int
 
 
 @dataclass
@@ -38,34 +39,38 @@ class DetectShardResult:
     device: str
     records: list[dict]  # the shard's images in order, each image's boxes as detect_image gives them
     images: int = 0
-    unreadable: list[tuple[int, str]] = field(default_factory=list)  # (image id, reason)
-    busy_seconds: float = 0.0  # decode, letterbox, network, post-processing
+    unreadable: list[dict] = field(default_factory=list)  # {image_id, file, reason}: no detections
+    busy_seconds: float = 0.0  # holding the device: the network calls
     started: float = 0.0  # unix time
     finished: float = 0.0
 
 
-class DetectWorker:
-    def __init__(self, config: DetectWorkerConfig) -> None:
-        self.config = config
-        self.detector = open_detector(config.backend, config.model_path, config.cfg_path, config.device,
-                                      config.threads)
+class DetectWorker(DeviceWorker):
+    def open_session(self, config: DetectWorkerConfig):
+        place = config.place
+        return open_detector(place.backend, config.model_path, config.cfg_path, place.compute_device, place.threads)
 
-    def describe(self) -> dict:
-        """Where this worker landed, in the pose ``Worker``'s terms (the driver names devices from it)."""
-        return describe_placement(self.config)
+    def warm_up(self, detector, config: DetectWorkerConfig) -> None:
+        detector.net_fn(np.zeros((1, 3, YOLOV3_SPP.inp, YOLOV3_SPP.inp), np.float32))
+
+    def _network(self, x: np.ndarray) -> tuple[list, float]:
+        """On the device thread: the raw head maps, and the seconds the call held the device."""
+        t0 = time.perf_counter()
+        raw = self.session.net_fn(x)
+        return raw, time.perf_counter() - t0
 
     def run_shard(self, shard: ImageShard) -> DetectShardResult:
-        result = DetectShardResult(shard.id, self.config.label, [], started=time.time())
+        result = DetectShardResult(shard.id, self.config.place.label, [], started=time.time())
         for path, image_id in shard.images:
-            t0 = time.perf_counter()
-            try:
-                result.records += detect_image(self.detector.net_fn, path, image_id, self.detector.heads)
-            except ImageError as e:
-                result.unreadable.append((image_id, str(e)))
-            result.busy_seconds += time.perf_counter() - t0
             result.images += 1
+            try:
+                bgr = read_bgr(path)
+            except ImageError as e:
+                result.unreadable.append({"image_id": image_id, "file": path, "reason": str(e)})
+                continue
+            x = letterbox_bgr_to_rgb_input(bgr, YOLOV3_SPP.inp)
+            raw, held = self.on_device(partial(self._network, x)).result()
+            result.busy_seconds += held
+            result.records += image_records(raw, self.session.heads, image_id, bgr.shape[:2])
         result.finished = time.time()
         return result
-
-    def close(self) -> None:
-        self.detector.close()

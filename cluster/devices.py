@@ -1,6 +1,6 @@
 """Find the devices of this host and read `--devices`.
 
-    parse_devices('0,1')     -> NPUs with logical ids 0 and 1 (spec ascend.md §2.5)
+    parse_devices('0,1')     -> NPUs with logical ids 0 and 1 (docs/ascend.md)
     parse_devices('all')     -> every NPU npu-smi lists
     parse_devices('cuda:0')  -> GPU 0;  'cuda' -> every GPU torch sees
     parse_devices('cpu:4')   -> 4 CPU workers;  'cpu' -> one
@@ -30,7 +30,7 @@ class Device:
     `id` is what `--devices` names: the ACL user id for 'npu' (the logical id unless
     ASCEND_RT_VISIBLE_DEVICES renumbers this process's NPUs), the CUDA index, or the
     CPU worker index. `logical_id` is the NPU's id outside that renumbering: the value
-    to put in ASCEND_RT_VISIBLE_DEVICES when pinning Ray actors (spec §4.4).
+    to put in ASCEND_RT_VISIBLE_DEVICES when pinning Ray actors (docs/ascend.md).
     """
 
     kind: str  # 'npu' | 'cuda' | 'cpu'
@@ -76,7 +76,7 @@ def discover_npus() -> list[Device]:
     if visible is None:
         pairs = [(c.acl_id, c) for c in sorted(chips, key=lambda c: c.acl_id)]  # user id = logical id
     else:
-        # The process sees only the listed chips, renumbered 0..k-1 (spec §2.1).
+        # The process sees only the listed chips, renumbered 0..k-1 (docs/ascend.md).
         by_logical = {c.acl_id: c for c in chips}
         listed = visible_npu_ids(visible, sorted(by_logical))
         if chips and not listed:
@@ -89,7 +89,7 @@ def discover_npus() -> list[Device]:
 def visible_npu_ids(value: str, present: Sequence[int]) -> list[int]:
     """Logical ids ASCEND_RT_VISIBLE_DEVICES=`value` leaves visible, in user-id order.
 
-    CANN rule (spec §2.1): comma-separated logical ids, ascending only; parsing stops
+    CANN rule (docs/ascend.md): comma-separated logical ids, ascending only; parsing stops
     at the first space, other character or invalid id.
     """
     ids: list[int] = []
@@ -185,7 +185,7 @@ def _join(ids: Sequence[int | None]) -> str:
 
 def _soc(chips: list[NpuChip]) -> str | None:
     """soc_version of same-named chips, or None: only ATC needs it, and --soc-version overrides."""
-    # A3 prints Name 'Ascend910'; its soc is only in the board text (spec §2.6).
+    # A3 prints Name 'Ascend910'; its soc is only in the board text (docs/ascend.md).
     board = None
     try:
         if chips[0].name.startswith("Ascend"):

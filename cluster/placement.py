@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.devices import Device
+from cluster.worker import WorkerPlace
 
 def compute_device(kind: str, backend: str) -> str:
     """The device the backend opens inside an actor pinned to a ``kind`` slot.
@@ -26,18 +27,24 @@ def compute_device(kind: str, backend: str) -> str:
 class Placement:
     device: Device
     options: dict  # ray actor options
-    in_process: str  # the device the backend opens, as the actor's process sees it
+    backend: str
+    compute_device: str  # the device the backend opens, as the actor's process sees it
     label: str  # provisional: NPU and GPU workers are named once placed (device_label)
     threads: int
+
+    def place(self, threads: int | None = None, opencv_threads: int = 0) -> WorkerPlace:
+        """What the worker is told about where it runs; ``threads`` overrides the share."""
+        return WorkerPlace(self.backend, self.compute_device, self.label, self.device.kind,
+                           self.threads if threads is None else threads, opencv_threads)
 
 
 def placements(devices: list[Device], backend: str, threads: int, cpus_per_worker: float) -> list[Placement]:
     out = []
     for d in devices:
-        in_process = compute_device(d.kind, backend)
+        on = compute_device(d.kind, backend)
         # Ray forces OMP_NUM_THREADS=1 and ONNX Runtime ignores it anyway: threads are
         # set from the worker's share of cores whenever the backend computes on the CPU.
-        share = threads or (max(1, int(cpus_per_worker)) if in_process == "cpu" else 1)
+        share = threads or (max(1, int(cpus_per_worker)) if on == "cpu" else 1)
         if d.kind == "cpu":
             # Fractional CPUs let N workers share a host.
             options = {"num_cpus": cpus_per_worker}
@@ -46,11 +53,11 @@ def placements(devices: list[Device], backend: str, threads: int, cpus_per_worke
         else:
             # Ray sets ASCEND_RT_VISIBLE_DEVICES for an {"NPU": 1} actor: its device is 0 inside.
             options = {"resources": {"NPU": 1}, "num_cpus": 0}
-        out.append(Placement(d, options, in_process, f"{d.kind}:{d.id}", share))
+        out.append(Placement(d, options, backend, on, f"{d.kind}:{d.id}", share))
     return out
 
 
-def prep_threads(configured: int, in_process: str, backend: str, cpus_per_worker: float) -> int:
+def prep_threads(configured: int, compute_on: str, backend: str, cpus_per_worker: float) -> int:
     """Preprocessing threads of one worker: ``configured``, or sized to its share of the host.
 
     A backend computing on the CPU owns the worker's cores, so one thread is enough
@@ -59,9 +66,22 @@ def prep_threads(configured: int, in_process: str, backend: str, cpus_per_worker
     """
     if configured:
         return configured
-    if in_process == "cpu" and backend != "sim":
+    if compute_on == "cpu" and backend != "sim":
         return 1
     return max(1, min(8, int(cpus_per_worker)))
+
+
+def opencv_threads(prep: int, compute_on: str, backend: str, cpus_per_worker: float) -> int:
+    """OpenCV's own thread pool in one worker: its share of the host's cores over its prep threads.
+
+    Each prep thread decodes and warps with OpenCV, which by default parallelises every
+    call over all of the host's cores: with N workers of P prep threads that is N x P x
+    cores threads on the same cores. A backend computing on the CPU keeps the share for
+    itself, so OpenCV gets one thread there.
+    """
+    if compute_on == "cpu" and backend != "sim":
+        return 1
+    return max(1, int(cpus_per_worker) // max(1, prep))
 
 
 def device_label(described: dict, devices: list[Device], existing: bool) -> str:
@@ -90,18 +110,3 @@ def name_devices(described: list[dict], devices: list[Device], existing: bool) -
     labels = [device_label(d, devices, existing) for d in described]
     repeated = {x for x in labels if labels.count(x) > 1}
     return [f"{x}@{d['node']}" if x in repeated else x for x, d in zip(labels, described)]
-
-
-
-
-def opencv_threads(prep: int, in_process: str, backend: str, cpus_per_worker: float) -> int:
-    """OpenCV's own thread pool in one worker: its share of the host's cores over its prep threads.
-
-    Each prep thread decodes and warps with OpenCV, which by default parallelises every
-    call over all of the host's cores: with N workers of P prep threads that is N x P x
-    cores threads on the same cores. A backend computing on the CPU keeps the share for
-    itself, so OpenCV gets one thread there.
-    """
-    if in_process == "cpu" and backend != "sim":
-        return 1
-    return max(1, int(cpus_per_worker) // max(1, prep))

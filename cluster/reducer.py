@@ -104,30 +104,43 @@ def merge_shards(results: list[ShardResult]) -> Merged:
     return Merged(ids, cat("keypoints", (0, 17, 3)), cat("crop_boxes", (0, 4)), skipped)
 
 
+def device_rows(results: list, devices: list[dict], lost: dict[str, str] | None = None) -> list[tuple[dict, list]]:
+    """Per worker, the figures every stage reports, and its results (pose or detector shards alike).
+
+    ``devices``: one dict per worker as ``describe()`` gives it, named; ``lost``: the
+    workers the queue dropped (else each dict's own ``lost``). A row: id, kind, node,
+    compute_device, busy_seconds (holding the device), wall_seconds (first shard start
+    to last shard end), idle_seconds, lost.
+    """
+    rows = []
+    for d in devices:
+        mine = [r for r in results if r.device == d["device"]]
+        busy = sum(r.busy_seconds for r in mine)
+        wall = (max(r.finished for r in mine) - min(r.started for r in mine)) if mine else 0.0
+        gone = d["device"] in lost if lost is not None else bool(d.get("lost", False))
+        rows.append(({"id": d["device"], "kind": d["kind"], "node": d.get("node", ""),
+                      "compute_device": d.get("compute_device", ""), "busy_seconds": busy, "wall_seconds": wall,
+                      "idle_seconds": max(0.0, wall - busy), "lost": gone}, mine))
+    return rows
+
+
 def throughput(results: list[ShardResult], devices: list[dict], first_dispatch: float,
                last_result: float) -> dict:
     """``devices``: one dict per actor as ``Worker.describe`` gives it, plus ``lost``."""
     rows = []
-    for d in devices:
-        mine = [r for r in results if r.device == d["device"]]
+    for row, mine in device_rows(results, devices):
         crops = sum(r.crops for r in mine)
         device_seconds = sum(r.device_seconds for r in mine)
-        rows.append({
-            "id": d["device"], "kind": d["kind"], "node": d.get("node", ""),
-            "compute_device": d.get("compute_device", ""),
-            "boxes": int(sum(len(r.box_ids) for r in mine)), "crops": int(crops),
-            "device_seconds": device_seconds,
+        row.update({
+            "boxes": int(sum(len(r.box_ids) for r in mine)), "crops": int(crops), "device_seconds": device_seconds,
             "device_fps": crops / device_seconds if device_seconds > 0 else 0.0,
-            "busy_seconds": sum(r.busy_seconds for r in mine),
-            "wall_seconds": (max(r.finished for r in mine) - min(r.started for r in mine)) if mine else 0.0,
             "bytes_to_device": int(sum(r.bytes_to_device for r in mine)),
             "bytes_from_device": int(sum(r.bytes_from_device for r in mine)),
-            "lost": bool(d.get("lost", False)),
             "call_ms": call_ms(np.concatenate([r.call_seconds for r in mine]) if mine else np.zeros(0)),
             "host_seconds": host_seconds(mine),
         })
-        rows[-1]["host_dominant"] = dominant_stage(rows[-1]["host_seconds"])
-        rows[-1]["idle_seconds"] = max(0.0, rows[-1]["wall_seconds"] - rows[-1]["busy_seconds"])
+        row["host_dominant"] = dominant_stage(row["host_seconds"])
+        rows.append(row)
     wall = max(last_result - first_dispatch, 1e-9)
     boxes = sum(r["boxes"] for r in rows)
     crops = sum(r["crops"] for r in rows)

@@ -67,7 +67,7 @@ def _start_local(ray, devices: list[Device]) -> None:
     """A private Ray on this host whose NPU/GPU slots are exactly the ``--devices`` named.
 
     Ray maps an actor's slot through the visibility variable of the process that
-    started the node (spec ascend.md §4.4), so setting it to the chosen ids here makes
+    started the node (docs/ascend.md), so setting it to the chosen ids here makes
     each {"NPU": 1} actor see one of them.
     """
     env, resources = {}, {}

@@ -96,16 +96,11 @@ def run_parser() -> argparse.ArgumentParser:
 
 def main_run(argv: list[str]) -> int:
     from runner.driver import run
-    from runner.sweep import run_sweep
 
     args = vars(run_parser().parse_args(argv))
     config_file = args.pop("config")
     args["dataroot"], args["models_dir"] = args.pop("dataroot"), args.pop("models_dir")
-    cfg = load_config(config_file, args)
-    if len(cfg.bs) > 1:
-        run_sweep(cfg)
-    else:
-        run(cfg)
+    run(load_config(config_file, args))
     return 0
 
 

@@ -19,7 +19,6 @@ written to ``OUT/bench.json``. Each run keeps its own files under ``OUT``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import multiprocessing
@@ -32,10 +31,11 @@ import numpy as np
 
 from cluster.devices import parse_devices
 from cluster.placement import placements
-from runner.config import RunConfig
+from runner.config import RunConfig, changed
 from runner.driver import run
 from runner.errors import RunError
-from runner.inputs import choose_backend, load_inputs, prepare_model, settle_uint8_input, variant_of
+from runner.inputs import load_inputs, prepare_model
+from runner.plan import settle
 from runner.journal import atomic_write_text
 from tasks.backends import open_backend
 from tasks.pipeline import network_inputs, prepare_batch, run_network, warm_up
@@ -74,26 +74,25 @@ def bare_throughput(cfg: RunConfig) -> dict:
     """
     inputs_ = load_inputs(cfg)
     box_set = inputs_.box_set
-    devices = parse_devices(cfg.devices)
+    devices = parse_devices(cfg.cluster.devices)
     if len(devices) != 1:
         raise RunError("the bare figure is for one device: --devices cpu (or one accelerator)")
-    backend_name = choose_backend(cfg.backend, devices)
-    cfg = settle_uint8_input(cfg, backend_name, devices)
-    bs = cfg.bs[0]
-    model_path = prepare_model(cfg, backend_name, inputs_.weights, box_set, bs, devices)
-    placement = placements(devices, backend_name, cfg.threads, float(os.cpu_count() or 1))[0]
-    backend = open_backend(backend_name, model_path, placement.in_process, bs, placement.threads,
-                           variant_of(cfg), cfg.sim_rate)
+    plan = settle(cfg, devices)
+    backend_name, bs = plan.backend, cfg.bs[0]
+    model_path = prepare_model(cfg, plan, inputs_.weights, box_set, bs)
+    placement = placements(devices, backend_name, cfg.backend.threads, float(os.cpu_count() or 1))[0]
+    backend = open_backend(backend_name, model_path, placement.compute_device, bs, placement.threads,
+                           plan.variant, cfg.backend.sim_rate)
     boxes = box_set.boxes
     held = boxes[:max(bs, IN_MEMORY_BOXES // bs * bs)]
     images = {b.image_id: read_rgb(box_set.image_paths[b.image_id]) for b in held}
-    distinct = [network_inputs(prepare_batch(held[i:i + bs], images).crops, backend.variant, cfg.flip)
+    distinct = [network_inputs(prepare_batch(held[i:i + bs], images).crops, backend.variant, plan.flip)
                 for i in range(0, len(held), bs)]
     sizes = [min(bs, len(boxes) - i) for i in range(0, len(boxes), bs)]  # the run's batches
     batches = [[x[:n] for x in distinct[k % len(distinct)]] for k, n in enumerate(sizes)]
     crops = sum(len(inputs[0]) * (2 if backend.variant.fused_flip else len(inputs)) for inputs in batches)
     try:
-        warm_up(backend, cfg.flip)  # as every worker does before its first shard
+        warm_up(backend, plan.flip)  # as every worker does before its first shard
         t0 = time.perf_counter()
         for inputs in batches:
             run_network(backend, inputs)
@@ -101,7 +100,7 @@ def bare_throughput(cfg: RunConfig) -> dict:
     finally:
         backend.close()
     return {"backend": backend_name, "bs": bs, "threads": placement.threads, "crops": crops,
-            "crops_per_s": crops / seconds, "uint8_input": cfg.uint8_input}
+            "crops_per_s": crops / seconds, "uint8_input": plan.variant.uint8_input}
 
 
 def bare_in_child(cfg: RunConfig) -> dict:
@@ -114,7 +113,7 @@ def bare_in_child(cfg: RunConfig) -> dict:
 
 def e2e_throughput(cfg: RunConfig, out: Path) -> dict:
     """A full run of the runner into ``out``; its end-to-end figures from throughput.json."""
-    outcome = run(dataclasses.replace(cfg, out=str(out), overwrite=True, resume=False, quiet=True))
+    (outcome,) = run(changed(cfg, out=str(out), overwrite=True, resume=False, quiet=True))
     t = outcome.throughput["totals"]
     idle = sum(d["idle_seconds"] for d in outcome.throughput["devices"])
     return {"crops": t["crops"], "crops_per_s": t["e2e_crops_per_s"], "boxes_per_s": t["e2e_boxes_per_s"],
@@ -146,24 +145,24 @@ def format_latency(latency: dict) -> list[str]:
 
 def scaling(cfg: RunConfig, max_devices: int, seconds: float, out: Path, log) -> dict:
     """1..N sim devices through the runner against N x one sim device alone without Ray."""
-    crops_per_box = 2 if cfg.flip else 1
-    boxes = math.ceil(seconds * max_devices * cfg.sim_rate / crops_per_box)
+    crops_per_box = 2 if cfg.model.flip.flip else 1
+    boxes = math.ceil(seconds * max_devices * cfg.backend.sim_rate / crops_per_box)
     # Enough whole shards per device that the tail is short against the run.
-    sim = dataclasses.replace(cfg, backend="sim", synthetic=boxes, dataroot=None, dets=None, boxes=None,
-                              weights=None, devices="cpu")
+    sim = changed(cfg, backend="sim", synthetic=boxes, dataroot=None, dets=None, boxes=None, weights=None,
+                  devices="cpu")
     alone_bare = bare_in_child(sim)
     alone = alone_bare["crops_per_s"]
-    log(f"one sim device alone, no Ray: {alone:.1f} crops/s (rate {cfg.sim_rate:g})")
+    log(f"one sim device alone, no Ray: {alone:.1f} crops/s (rate {cfg.backend.sim_rate:g})")
     rows = []
     for n in range(1, max_devices + 1):
-        got = e2e_throughput(dataclasses.replace(sim, devices=f"cpu:{n}"), out / f"sim-{n}")
+        got = e2e_throughput(changed(sim, devices=f"cpu:{n}"), out / f"sim-{n}")
         ideal = n * alone
         rows.append({"devices": n, "crops_per_s": got["crops_per_s"], "ideal_crops_per_s": ideal,
                      "of_ideal": got["crops_per_s"] / ideal, "idle_seconds": got["idle_seconds"],
                      "boxes": boxes})
         log(f"{n} sim device(s): {got['crops_per_s']:.1f} crops/s end to end, ideal {ideal:.1f}: "
             f"{got['crops_per_s'] / ideal:.3f} of ideal (devices idle {got['idle_seconds']:.2f} s in all)")
-    return {"sim_rate": cfg.sim_rate, "uint8_input": alone_bare["uint8_input"], "alone_crops_per_s": alone,
+    return {"sim_rate": cfg.backend.sim_rate, "uint8_input": alone_bare["uint8_input"], "alone_crops_per_s": alone,
             "boxes": boxes, "runs": rows}
 
 
@@ -194,9 +193,7 @@ def scale_set(models_dir: str, boxes: int, seed: int) -> dict:
 
 def _run_in_child(cfg: RunConfig) -> list:
     """The run (or sweep) in a fresh process, so its peak memory is the driver's alone."""
-    from runner.sweep import run_sweep
-
-    return run_sweep(cfg) if len(cfg.bs) > 1 else [run(cfg)]
+    return run(cfg)
 
 
 def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
@@ -204,11 +201,11 @@ def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
     from runner.inputs import random_checkpoint
     from tasks.evaluation import evaluate_keypoints
 
-    coco = scale_set(cfg.models_dir, boxes, cfg.seed)
-    run_cfg = dataclasses.replace(cfg, dataroot=coco["dataroot"], dets=coco["dets"], boxes=None, synthetic=0,
-                                  weights=random_checkpoint(cfg.models_dir, cfg.seed), backend="sim",
-                                  devices=f"cpu:{max(1, sim_devices)}", out=str(Path(cfg.out) / f"scale-{boxes}"),
-                                  overwrite=True, resume=False, quiet=True)
+    models_dir, seed = cfg.model.models_dir, cfg.data.seed
+    coco = scale_set(models_dir, boxes, seed)
+    run_cfg = changed(cfg, dataroot=coco["dataroot"], dets=coco["dets"], boxes=None, synthetic=0,
+                      weights=random_checkpoint(models_dir, seed), backend="sim", devices=f"cpu:{max(1, sim_devices)}",
+                      out=str(Path(cfg.output.out) / f"scale-{boxes}"), overwrite=True, resume=False, quiet=True)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         outcomes = pool.submit(_run_in_child, run_cfg).result()
@@ -226,7 +223,7 @@ def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
     results = json.loads((last.out / "keypoints.json").read_text())
     t1 = time.perf_counter()
     stats = evaluate_keypoints(str(Path(coco["dataroot"]) / "annotations" / "person_keypoints_val2017.json"),
-                               results, cfg.evaluator)
+                               results, cfg.evaluation.evaluator)
     evaluation = time.perf_counter() - t1
     for r in runs:
         log(f"bs {r['bs']}: dispatch window {r['dispatch_window_s']:.1f} s, outside it {r['outside_window_s']:.1f} s "
@@ -236,13 +233,13 @@ def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
     log(f"{boxes} boxes on {sim_devices} sim devices: the whole command {command:.1f} s (its process start "
         f"included), driver peak RSS {peak:.0f} MiB; {stats['evaluator']} on {len(results)} results (not part "
         f"of a sim run): {evaluation:.1f} s")
-    return {"boxes": boxes, "sim_devices": sim_devices, "sim_rate": cfg.sim_rate, "command_seconds": command,
+    return {"boxes": boxes, "sim_devices": sim_devices, "sim_rate": cfg.backend.sim_rate, "command_seconds": command,
             "driver_peak_rss_mb": peak, "evaluation_seconds": evaluation, "evaluator": stats["evaluator"],
             "results": len(results), "runs": runs}
 
 
 def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
-    out = Path(cfg.out)
+    out = Path(cfg.output.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.scale:
         figures = {"host_cpus": os.cpu_count(), "scale": scale(cfg, args.scale, args.sim_devices, log)}
@@ -251,7 +248,8 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
         return figures
     if len(cfg.bs) != 1:
         raise RunError("bench takes one --bs")
-    figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.flip, "fused_flip": cfg.fused_flip}
+    figures: dict = {"host_cpus": os.cpu_count(), "bs": cfg.bs[0], "flip": cfg.model.flip.flip,
+                     "fused_flip": cfg.model.flip.fused}
     if not args.skip_bare:
         if args.rounds < 1:
             raise RunError(f"--rounds {args.rounds}: give at least 1 full run")

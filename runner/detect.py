@@ -6,35 +6,43 @@ score. A run (``python -m runner``) whose ``--dets FILE`` does not exist yet and
 has ``--detector-weights`` writes FILE the same way first (``plan_detection``,
 ``run_planned_detection``), in the same Ray session, then goes on with the pose stage.
 
-Both use the pose stage's cluster/ machinery unchanged: ``cluster.session`` (a private
-Ray for ``--devices``, or ``--address``), ``cluster.pool`` (one pinned actor per device,
-the pose workers' resources and visibility variables) and ``cluster.dispatch`` (two
-shards in flight per actor; a lost or hung actor's shards go to the others). A shard is a run of
-consecutive images in ascending id order; each image is detected on its own (batch
-1), so the file is the same for any number of devices. PyTorch needs >= 2 threads to
-reproduce upstream's CPU sums (spec §10: 1 thread drifts by up to 4e-3 px), so a
-torch worker gets at least 2.
+Both run as the pose stage runs: ``cluster.session`` (a private Ray for ``--devices``,
+or ``--address``), ``cluster.pool`` (one pinned ``cluster.worker.DeviceWorker`` per
+device) and ``runner.control.run_stage`` (the shard queue, Ctrl-C, a lost or hung
+worker's shards to the others). A shard is a run of consecutive images in ascending id
+order; each image is detected on its own (batch 1), so the file is the same for any
+number of devices. An image that cannot be read (truncated, undecodable, a read error
+that does not pass) gets no detections: one log line names it, and
+``FILE.skipped_images.json`` beside the detection file lists it with its reason.
+PyTorch needs >= 2 threads to reproduce upstream's CPU sums (1 thread drifts by up to
+4e-3 px), so a torch worker gets at least 2.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from runner.config import RunConfig, load_config
-from cluster.dispatch import DispatchPolicy, dispatch
-from cluster.errors import AllDevicesLost, Stopped
-from cluster.pool import actor_pool
-from cluster.session import Session
-from runner.control import ctrl_c_stops, dispatch_policy, session_for
-from runner.errors import Interrupted, RunError
-from runner.inputs import check_run_inputs, choose_backend, soc_version
+from cluster.placement import Placement
+from cluster.pool import ActorPool, actor_pool
+from cluster.queue import DispatchPolicy, DispatchReport
+from cluster.reducer import device_rows
+from cluster.session import Session, ray_session
+from runner.config import RunConfig, check_soc_version
+from runner.control import StageLines, run_stage
+from runner.errors import RunError
+from runner.inputs import check_run_inputs
+from runner.outputs import write_json
+from runner.plan import choose_backend, soc_version
+from tasks.backends import DETECTOR_BACKENDS
 from tasks.dataset import ANNOTATIONS, IMAGES, DataError
+
+if TYPE_CHECKING:  # the detector's worker imports torch: only where the detector runs
+    from cluster.detect_actor import DetectShardResult, DetectWorkerConfig, ImageShard
 
 #: A shard holds at most this many images; fewer when that keeps every worker busy.
 MAX_IMAGES_PER_SHARD = 8
@@ -99,93 +107,123 @@ class DetectOutcome:
     out: Path
     images: int
     boxes: int
-    devices: dict[str, dict]  # label -> images, boxes, busy_seconds, lost
+    devices: dict[str, dict]  # per worker: images, boxes, busy_seconds, wall_seconds, lost, ... (detector_rows)
     lost_devices: list[str]
+    skipped_images: list[dict]  # {image_id, file, reason}: read or decode refused, no detections
     seconds: float  # first dispatch to last result
 
 
 def detect_on_session(session: Session, inputs: DetectInputs, backend: str, models_dir: str, threads: int,
                       log, policy: DispatchPolicy = DispatchPolicy()) -> DetectOutcome:
     """Detect every image on the session's devices and write the file atomically."""
-    from cluster.detect_actor import DetectWorker, DetectWorkerConfig
+    from cluster.detect_actor import DetectWorker  # torch: imported only where the detector runs
     from tasks.detector import prepare_detector_model
 
     job = inputs.job
     model_path = prepare_detector_model(backend, inputs.model, job.weights, inputs.cfg_path, models_dir,
                                         soc_version(session.devices) if backend == "om" else None)
-    cfg_path = str(inputs.cfg_path.resolve())
     inputs.model = None  # the workers load their own; the driver's copy (~250 MB) is not kept for the pose stage
-
-    def worker_config(p) -> DetectWorkerConfig:
-        return DetectWorkerConfig(backend, model_path, cfg_path, p.in_process, p.label, p.device.kind,
-                                  max(2, p.threads) if backend == "torch" else p.threads)
-
-    # One shard at a time per actor: dispatch's second shard waits in the actor's queue.
-    with actor_pool(session, DetectWorker, backend, threads, max_concurrency=1) as pool:
-        return _detect_with(pool, pool.start(worker_config), inputs, backend, log, policy)
+    with actor_pool(session, DetectWorker, backend, threads, log=log) as pool:
+        pool.start(lambda p: detect_worker_config(p, backend, model_path, inputs))
+        return detect_with(pool, inputs, backend, log, policy)
 
 
-def _detect_with(pool, described: list[dict], inputs: DetectInputs, backend: str, log,
-                 policy: DispatchPolicy) -> DetectOutcome:
+def detect_worker_config(p: Placement, backend: str, model_path: str, inputs: DetectInputs) -> DetectWorkerConfig:
+    """PyTorch needs >= 2 threads to reproduce upstream's CPU sums (docs/numerics.md#detector-reproducibility),
+    so a torch worker gets 2 at least."""
+    from cluster.detect_actor import DetectWorkerConfig
+
+    place = p.place(threads=max(2, p.threads) if backend == "torch" else p.threads)
+    return DetectWorkerConfig(place=place, model_path=model_path, cfg_path=str(inputs.cfg_path.resolve()))
+
+
+def image_shards(images: list[tuple[Path, int]], workers: int, shard_size: int) -> list[ImageShard]:
+    """Runs of consecutive images in ascending id order: ``shard_size``, or at most 8 and four per worker."""
     from cluster.detect_actor import ImageShard
-    from tasks.detector import write_detections
 
-    job, session, actors = inputs.job, pool.session, list(pool.actors)
-    log("detector workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
-    images = inputs.images
-    per = job.shard_size or max(1, min(MAX_IMAGES_PER_SHARD, math.ceil(len(images) / (4 * len(actors)))))
-    shards = deque(ImageShard(k, [(str(p), i) for p, i in images[start:start + per]])
-                   for k, start in enumerate(range(0, len(images), per)))
-    n_shards = len(shards)
-    log(f"detector: {len(images)} images in {n_shards} shards on {', '.join(actors)}; backend {backend}")
-    if "npu" in {d.kind for d in session.devices} and backend != "om":
+    per = shard_size or max(1, min(MAX_IMAGES_PER_SHARD, math.ceil(len(images) / (4 * workers))))
+    return [ImageShard(k, [(str(p), i) for p, i in images[start:start + per]])
+            for k, start in enumerate(range(0, len(images), per))]
+
+
+def detect_with(pool: ActorPool, inputs: DetectInputs, backend: str, log, policy: DispatchPolicy) -> DetectOutcome:
+    """Every image through the pool's workers, the file written in image order."""
+    job, images, workers = inputs.job, inputs.images, list(pool.actors)
+    log("detector workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in pool.current()))
+    shards = image_shards(images, len(workers), job.shard_size)
+    log(f"detector: {len(images)} images in {len(shards)} shards on {', '.join(workers)}; backend {backend}")
+    if "npu" in {d.kind for d in pool.session.devices} and backend != "om":
         log(f"note: backend {backend} computes on the CPU; the NPU slots only place the detector workers")
-    results: dict[int, object] = {}
-    done = boxes = 0
-    step = max(1, len(images) // 20)
-    started = time.time()
+    progress = DetectProgress(len(images), log)
 
-    def on_result(r) -> None:
-        nonlocal done, boxes
-        if r.unreadable:
-            image_id, reason = r.unreadable[0]
-            raise DataError(f"{reason} (image id {image_id}); fix or replace the file, then rerun")
-        results[r.shard_id] = r
-        before, done, boxes = done, done + r.images, boxes + len(r.records)
-        if done // step != before // step or done == len(images):
-            log(f"  {done}/{len(images)} images, {boxes} boxes, {done / (time.time() - started):.2f} images/s")
-
-    def on_failed(shard, why: str) -> None:
+    def on_failed(shard: ImageShard, why: str) -> None:
         raise RunError(f"detector: shard {shard.id} ({len(shard.images)} images from id {shard.images[0][1]}) "
                        f"failed on every try ({why}); {ALL_LOST}")
 
-    stop = threading.Event()
-    try:
-        with ctrl_c_stops(stop):
-            lost = list(dispatch(pool, shards, on_result, log, policy, on_failed, stop).lost)
-    except AllDevicesLost as e:
-        raise RunError(f"{e}; {ALL_LOST}") from None
-    except (Stopped, KeyboardInterrupt):
-        raise Interrupted(f"interrupted: {len(results)} of {n_shards} detector shards done; no detection "
-                          "file was written: rerun the command") from None
-    seconds = time.time() - started
-    if sorted(results) != list(range(n_shards)):  # dispatch returns only when every shard is done
-        raise RunError(f"detector: {n_shards - len(results)} of {n_shards} shards have no result; rerun the command")
-    ordered = [results[k] for k in sorted(results)]
+    lines = StageLines(interrupted=lambda: (f"interrupted: {len(progress.results)} of {len(shards)} detector shards "
+                                            "done; no detection file was written: rerun the command"),
+                       all_lost=ALL_LOST)
+    report = run_stage(pool, shards, progress.add, log, policy, on_failed, lines)
+    return write_detection_file(job, [progress.results[k] for k in sorted(progress.results)], pool, report, log,
+                                time.time() - progress.started)
+
+
+class DetectProgress:
+    """The shards' results as they come, and a line each 5% of the images."""
+
+    def __init__(self, images: int, log) -> None:
+        self.images, self.log, self.results = images, log, {}
+        self.done = self.boxes = 0
+        self.step, self.started = max(1, images // 20), time.time()
+
+    def add(self, r: DetectShardResult) -> None:
+        for skipped in r.unreadable:
+            self.log(f"{skipped['reason']} (image id {skipped['image_id']}): no detections for it")
+        self.results[r.shard_id] = r
+        before, self.done, self.boxes = self.done, self.done + r.images, self.boxes + len(r.records)
+        if self.done // self.step != before // self.step or self.done == self.images:
+            self.log(f"  {self.done}/{self.images} images, {self.boxes} boxes, "
+                     f"{self.done / (time.time() - self.started):.2f} images/s")
+
+
+def skipped_images_path(out: str | Path) -> Path:
+    """Beside the detection file: ``dets.json`` -> ``dets.skipped_images.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.skipped_images.json")
+
+
+def write_detection_file(job: DetectJob, ordered: list[DetectShardResult], pool: ActorPool, report: DispatchReport,
+                         log, seconds: float) -> DetectOutcome:
+    """The detection file in image order; the images that could not be read in a record beside it."""
+    from tasks.detector import write_detections
+
     records = [rec for r in ordered for rec in r.records]
+    skipped = [s for r in ordered for s in r.unreadable]
     write_detections(job.out, records)
-    per_device = {label: {"images": 0, "boxes": 0, "busy_seconds": 0.0, "lost": label in lost} for label in actors}
-    for r in ordered:
-        d = per_device[r.device]
-        d["images"] += r.images
-        d["boxes"] += len(r.records)
-        d["busy_seconds"] += r.busy_seconds
-    for label, d in per_device.items():
-        rate = d["images"] / d["busy_seconds"] if d["busy_seconds"] else 0.0
-        log(f"  {label:>10}: {d['images']} images, {d['boxes']} boxes, {d['busy_seconds']:.2f} s busy, "
-            f"{rate:.2f} images/s{' (lost)' if d['lost'] else ''}")
-    log(f"{len(records)} person boxes on {len(images)} images in {seconds:.1f} s -> {job.out}")
-    return DetectOutcome(Path(job.out), len(images), len(records), per_device, lost, seconds)
+    if skipped:
+        write_json(skipped_images_path(job.out), {"skipped_images": skipped})
+    else:
+        skipped_images_path(job.out).unlink(missing_ok=True)  # a record of an earlier run would be wrong now
+    rows = detector_rows(ordered, pool.described, report)
+    for row in rows:
+        log(f"  {row['id']:>10}: {row['images']} images, {row['boxes']} boxes, {row['busy_seconds']:.2f} s busy, "
+            f"{row['images_per_busy_s']:.2f} images/s{' (lost)' if row['lost'] else ''}")
+    images = sum(r.images for r in ordered)
+    note = f"; {len(skipped)} images unreadable, listed in {skipped_images_path(job.out)}" if skipped else ""
+    log(f"{len(records)} person boxes on {images} images in {seconds:.1f} s -> {job.out}{note}")
+    return DetectOutcome(Path(job.out), images, len(records), {row["id"]: row for row in rows}, list(report.lost),
+                         skipped, seconds)
+
+
+def detector_rows(results: list[DetectShardResult], described: list[dict], report: DispatchReport) -> list[dict]:
+    """Per worker: the common device figures (``cluster.reducer.device_rows``) plus images and boxes."""
+    rows = []
+    for row, mine in device_rows(results, described, report.lost):
+        images = sum(r.images for r in mine)
+        row.update(images=images, boxes=sum(len(r.records) for r in mine),
+                   images_per_busy_s=images / row["busy_seconds"] if row["busy_seconds"] else 0.0)
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- in a pose run
@@ -199,23 +237,24 @@ def plan_detection(cfg: RunConfig, log) -> DetectInputs | None:
     The pose side's inputs are checked here too, so a bad checkpoint stops the run
     before the detector spends its time.
     """
-    if not cfg.detector_weights:
+    data = cfg.data
+    if not data.detector_weights:
         return None
-    if cfg.synthetic:
+    if data.synthetic:
         raise RunError("--detector-weights detects the boxes of a COCO root (--dataroot); --synthetic makes its own")
-    if cfg.boxes == "gt":
+    if data.boxes == "gt":
         raise RunError("give either --boxes gt or --detector-weights, not both")
-    if not cfg.dets:
+    if not data.dets:
         raise RunError("--detector-weights needs --dets FILE: the detection file the detector writes when it "
                        "does not exist yet (and later runs read)")
-    if Path(cfg.dets).exists():
-        log(f"{cfg.dets}: exists, used as it is (the detector runs only when the file is absent)")
+    if Path(data.dets).exists():
+        log(f"{data.dets}: exists, used as it is (the detector runs only when the file is absent)")
         return None
     from tasks.model import check_checkpoint
 
     check_run_inputs(cfg)
-    check_checkpoint(cfg.weights)
-    job = DetectJob(cfg.dataroot, cfg.ann, cfg.detector_weights, cfg.detector_cfg, cfg.dets,
+    check_checkpoint(cfg.model.weights)
+    job = DetectJob(data.dataroot, data.ann, data.detector_weights, data.detector_cfg, data.dets,
                     flags=("--detector-weights", "--detector-cfg"))
     return check_detect_inputs(job)
 
@@ -225,13 +264,11 @@ def run_planned_detection(plan: DetectInputs, session: Session, cfg: RunConfig, 
 
     A pose backend the detector has no runtime for (openvino, sim) detects with ONNX Runtime.
     """
-    from tasks.detector.runtime import BACKENDS
-
-    log(f"{cfg.dets}: not there yet: detecting the persons of {len(plan.images)} images first")
-    if backend not in BACKENDS:
+    log(f"{cfg.data.dets}: not there yet: detecting the persons of {len(plan.images)} images first")
+    if backend not in DETECTOR_BACKENDS:
         log(f"note: the detector has no {backend} backend; it runs on onnxruntime")
         backend = "onnxruntime"
-    return detect_on_session(session, plan, backend, cfg.models_dir, cfg.threads, log, dispatch_policy(cfg))
+    return detect_on_session(session, plan, backend, cfg.model.models_dir, cfg.backend.threads, log, cfg.queue)
 
 
 # ---------------------------------------------------------------- python -m runner detect
@@ -266,13 +303,10 @@ def main_detect(argv: list[str]) -> int:
     if args.threads < 0 or args.shard_size < 0:
         raise RunError("--threads and --shard-size take a non-negative integer (0: automatic)")
     log = (lambda *a, **k: None) if args.quiet else print
-    # The run's configuration as far as Ray and the workers read it.
-    cfg = load_config(None, {"devices": args.devices, "address": args.address, "threads": args.threads,
-                             "backend": args.backend, "models_dir": args.models_dir, "quiet": args.quiet,
-                             "soc_version": args.soc_version})
+    check_soc_version(args.soc_version)
     inputs = check_detect_inputs(DetectJob(args.dataroot, args.ann, args.weights, args.cfg, args.out,
                                            args.shard_size))
-    with session_for(cfg) as session:
+    with ray_session(args.devices, args.address, args.soc_version) as session:
         backend = choose_backend(args.backend, session.devices)
-        detect_on_session(session, inputs, backend, cfg.models_dir, cfg.threads, log)
+        detect_on_session(session, inputs, backend, args.models_dir, args.threads, log)
     return 0

@@ -1,40 +1,44 @@
 """``run(cfg)``: boxes -> shards -> one worker per device -> merge -> OKS-NMS -> COCOeval -> OUT.
 
-This module composes a run: it checks the inputs, converts the model, cuts the
-boxes into shards of whole batches, hands them to cluster/ (the Ray session, the
-workers and the shard queue) and writes what comes back. Everything the run writes
-to OUT is written atomically; finished shards are journalled for ``--resume``.
+A command runs every batch size of ``--bs`` with Ray and the workers started once; a
+single ``--bs`` is a sweep of one, written straight into OUT (a sweep writes
+``OUT/bs{N}/`` and a summary). Each batch size's run is four stages, each a function
+a test can call alone:
+
+    plan_batch  -> BatchPlan    the model file, the journal, the shards still to run
+    execute     -> Executed     the workers ready, the shards run on them (cluster/)
+    summarise   -> Summary      merge, records, OKS-NMS, parity, COCOeval, throughput
+    write       -> RunOutcome   keypoints, metrics, throughput and run.json, atomically
+
+Finished shards are journalled for ``--resume`` as they arrive.
 """
 from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
-from cluster.devices import Device
-from cluster.dispatch import DispatchReport, dispatch
-from cluster.errors import AllDevicesLost, Stopped
-from cluster.placement import Placement, compute_device, opencv_threads, prep_threads
+from cluster.placement import Placement, opencv_threads, prep_threads
 from cluster.pool import ActorPool, actor_pool
-from cluster.reducer import format_throughput, merge_shards, throughput
+from cluster.queue import DispatchReport
+from cluster.reducer import Merged, format_throughput, merge_shards, throughput
 from cluster.session import Session
-from runner.config import RunConfig
-from runner.control import ctrl_c_stops, dispatch_policy, session_for
-from runner.errors import Interrupted, RunError
-from runner.inputs import (Inputs, choose_backend, load_inputs, prepare_model, settle_uint8_input, soc_version,
-                           variant_of)
+from runner.config import RunConfig, flat
+from runner.control import StageLines, run_stage, session_for
+from runner.errors import RunError
+from runner.inputs import Inputs, load_inputs, prepare_model
 from runner.journal import Journal
+from runner.outputs import (RUN_FILES, TIMING_SCOPE, Laps, format_metrics, iso_time, peak_rss_mb, prepare_out,
+                            versions, write_json, write_results)
 from runner.parity import check_parity
-from runner.outputs import (TIMING_SCOPE, Laps, format_metrics, iso_time, peak_rss_mb, prepare_out, versions,
-                            write_json, write_results)
+from runner.plan import RunPlan, settle
 from runner.progress import Progress
+from runner.report import write_summary
 from tasks.dataset import BoxSet
-from tasks.evaluation import evaluate_keypoints, nms_rows, pose_columns
+from tasks.evaluation import PoseColumns, evaluate_keypoints, nms_rows, pose_columns
 from tasks.spec import file_sha256
 
 
@@ -47,7 +51,112 @@ class RunOutcome:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the run (outputs.Laps)
 
 
-# ---------------------------------------------------------------- inputs
+def run(cfg: RunConfig, log=print) -> list[RunOutcome]:
+    """Every batch size of ``cfg.bs``, in order: one outcome each."""
+    if len(set(cfg.bs)) != len(cfg.bs):
+        raise RunError(f"--bs {','.join(map(str, cfg.bs))}: a batch size is repeated")
+    from runner.detect import plan_detection, run_planned_detection
+
+    log = (lambda *a, **k: None) if cfg.output.quiet else log
+    laps = Laps()
+    out = prepare_out(Path(cfg.output.out), cfg.output, sweep=len(cfg.bs) > 1)
+    detection = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
+    inputs = None if detection else load_inputs(cfg)
+    laps.mark("inputs")
+    with session_for(cfg) as session:
+        laps.mark("ray_start")
+        plan = settle(cfg, session.devices)
+        if detection:
+            run_planned_detection(detection, session, cfg, plan.backend, log)
+            inputs = load_inputs(cfg)
+            laps.mark("detection")
+        with actor_pool(session, Worker, plan.backend, cfg.backend.threads, log=log) as pool:
+            outcomes = [run_batch_size(cfg, plan, session, pool, inputs, bs, out, log) for bs in cfg.bs]
+            laps.mark("run")
+    laps.mark("ray_stop")
+    finish(cfg, out, outcomes, laps, log)
+    return outcomes
+
+
+def batch_dir(out: Path, bs: int) -> Path:
+    return out / f"bs{bs}"
+
+
+def run_batch_size(cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorPool, inputs: Inputs, bs: int,
+                   out: Path, log) -> RunOutcome:
+    """One full pass over the boxes at ``bs``: into OUT, or OUT/bs{N} in a sweep."""
+    if len(cfg.bs) > 1:
+        out = prepare_out(batch_dir(out, bs), cfg.output)
+    batch = plan_batch(cfg, plan, inputs, bs, out, log)
+    if batch.finished_before:
+        log(f"bs {bs}: finished before, kept ({out})")
+        return load_outcome(out)
+    executed = execute(batch, cfg, plan, session, pool, log)
+    outcome = write(batch, executed, summarise(batch, executed, cfg, plan, log), cfg, plan)
+    if len(cfg.bs) > 1:
+        totals = outcome.throughput["totals"]
+        log(f"bs {bs}: {format_metrics(outcome.metrics).splitlines()[0]}, sum of device fps "
+            f"{totals['sum_device_fps']:.1f}, e2e {totals['e2e_boxes_per_s']:.1f} boxes/s")
+    return outcome
+
+
+def finish(cfg: RunConfig, out: Path, outcomes: list[RunOutcome], laps: Laps, log) -> None:
+    """A sweep's summary table and plot; a single run's figures and its phases with the command's."""
+    if len(outcomes) > 1:
+        from runner.report import load_run
+
+        log(write_summary(out, [load_run(batch_dir(out, bs)) for bs in sorted(cfg.bs)]))
+        log(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary.json'}, "
+            f"{out / 'throughput.png'}")
+        return
+    (outcome,) = outcomes
+    run_seconds = laps.seconds.pop("run")
+    outcome.phases = {**laps.seconds, **outcome.phases, "other": run_seconds - sum(outcome.phases.values())}
+    log(format_throughput(outcome.throughput))
+    log(format_metrics(outcome.metrics))
+
+
+def load_outcome(out: Path) -> RunOutcome:
+    tp = json.loads((out / "throughput.json").read_text())
+    return RunOutcome(out, json.loads((out / "metrics.json").read_text()), tp, tp.get("lost_devices", []))
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass
+class BatchPlan:
+    bs: int
+    out: Path
+    inputs: Inputs
+    model_path: str
+    journal: Journal
+    per_shard: int  # boxes per shard
+    shards: list[Shard]
+    todo: list[Shard]  # not journalled yet, or journalled with skipped boxes (the file may read now)
+    done: dict[int, ShardResult]  # journalled before, complete
+    finished_before: bool  # --resume: nothing to run and every file there
+    laps: Laps
+    started: float = field(default_factory=time.time)
+
+
+def plan_batch(cfg: RunConfig, plan: RunPlan, inputs: Inputs, bs: int, out: Path, log) -> BatchPlan:
+    """The model file, the journal (resumed or fresh) and the shards of one batch size."""
+    box_set, laps = inputs.box_set, Laps()
+    model_path = prepare_model(cfg, plan, inputs.weights, box_set, bs)
+    laps.mark("model")
+    previous = Journal.previous_fingerprint(out / "journal") if cfg.output.resume else None
+    # A resumed run keeps its shards, whatever the device count now.
+    per_shard = (previous or {}).get("shard_boxes") or shard_boxes(len(box_set.boxes), bs, cfg.shard_size,
+                                                                   len(plan.devices))
+    journal = Journal(out / "journal", fingerprint(cfg, plan, inputs, bs, model_path, per_shard))
+    done = journal.start(cfg.output.resume)
+    shards = make_shards(box_set, per_shard)
+    todo = [s for s in shards if s.id not in done or done[s.id].skipped]
+    done = {k: r for k, r in done.items() if not r.skipped}
+    laps.mark("journal_and_shards")
+    finished = cfg.output.resume and not todo and all((out / n).exists() for n in RUN_FILES)
+    return BatchPlan(bs, out, inputs, model_path, journal, per_shard, shards, todo, done, finished, laps)
 
 
 def shard_boxes(boxes: int, bs: int, shard_size: int, workers: int) -> int:
@@ -69,234 +178,181 @@ def make_shards(box_set: BoxSet, per: int) -> list[Shard]:
     return shards
 
 
-def fingerprint(cfg: RunConfig, box_set: BoxSet, weights: str, backend: str, bs: int, model_path: str,
-                devices: list[Device], per_shard: int) -> dict:
+def fingerprint(cfg: RunConfig, plan: RunPlan, inputs: Inputs, bs: int, model_path: str, per_shard: int) -> dict:
     """What decides the journalled numbers: a resume with any of it changed is refused."""
     import runner
 
+    box_set, weights = inputs.box_set, inputs.weights
     source = box_set.source if box_set.source == "gt" else file_sha256(box_set.source)
     model = Path(model_path) if model_path else None
     own_file = model is not None and model.is_file() and model.resolve() != Path(weights).resolve()
     return {"boxes": len(box_set.boxes), "box_source_sha256": source, "ann_sha256": file_sha256(box_set.ann_file),
-            "weights_sha256": file_sha256(weights), "backend": backend, "bs": bs, "shard_size": cfg.shard_size,
-            "shard_boxes": per_shard, "flip": cfg.flip, "fused_flip": cfg.fused_flip,
-            "uint8_input": cfg.uint8_input, "model_file": model.name if model else "",
-            "model_sha256": file_sha256(str(model)) if own_file else "",
-            "soc_version": soc_version(devices) if backend == "om" else None,
-            "device_kinds": sorted({d.kind for d in devices}), "runner_version": runner.__version__}
+            "weights_sha256": file_sha256(weights), "backend": plan.backend, "bs": bs, "shard_size": cfg.shard_size,
+            "shard_boxes": per_shard, "flip": plan.flip, "fused_flip": plan.variant.fused_flip,
+            "uint8_input": plan.variant.uint8_input, "model_file": model.name if model else "",
+            "model_sha256": file_sha256(str(model)) if own_file else "", "soc_version": plan.soc_version,
+            "device_kinds": sorted({d.kind for d in plan.devices}), "runner_version": runner.__version__}
 
 
-#: The files of one finished run; a sweep's --resume keeps a batch size that has them all.
-RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
+# ---------------------------------------------------------------- execute
 
 
-def load_outcome(out: Path) -> RunOutcome:
-    tp = json.loads((out / "throughput.json").read_text())
-    return RunOutcome(out, json.loads((out / "metrics.json").read_text()), tp, tp.get("lost_devices", []))
+@dataclass
+class Executed:
+    fresh: list[ShardResult]  # computed in this run, in arrival order
+    failed: list[tuple[int, str]]  # (box id, why) of shards given up
+    described: list[dict]  # the workers that ran, with lost and lost_reason
+    report: DispatchReport
+    first_dispatch: float
+    last_result: float
 
 
-def run(cfg: RunConfig, log=print) -> RunOutcome:
-    """One run at one batch size; several batch sizes go to ``runner.sweep.run_sweep``."""
-    if len(cfg.bs) != 1:
-        raise RunError("several batch sizes: use the sweep (runner.sweep.run_sweep)")
-    from runner.detect import plan_detection, run_planned_detection
+def execute(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorPool, log) -> Executed:
+    """Run the batch plan's shards on the pool; every result journalled as it arrives."""
+    box_set = batch.inputs.box_set
+    log(f"{len(box_set.boxes)} boxes in {len(batch.shards)} shards of {batch.per_shard} "
+        f"({len(batch.done)} done before) on {', '.join(str(d) for d in plan.devices)}"
+        f"{' (Ray cluster)' if session.existing else ''}; backend {plan.backend}, bs {batch.bs}")
+    if "npu" in {d.kind for d in plan.devices} and plan.backend != "om":
+        log(f"note: backend {plan.backend} computes on the CPU; the NPU slots only place the workers")
+    now = time.time()
+    executed = Executed([], [], [], DispatchReport(), now, now)
+    if not batch.todo:
+        return executed
+    executed.described = ready_workers(batch, cfg, plan, session, pool, log)
+    batch.laps.mark("workers")
+    progress = Progress(len(box_set.boxes), sum(len(r.box_ids) for r in batch.done.values()),
+                        [d["device"] for d in executed.described], len(batch.shards), quiet=cfg.output.quiet,
+                        log=log, title=f"bs {batch.bs} ")
+    lines = StageLines(
+        interrupted=lambda: (f"interrupted: {len(batch.done) + len(executed.fresh)} of {len(batch.shards)} shards "
+                             f"are saved in {batch.out / 'journal'}; rerun the same command with --resume"),
+        all_lost="finished shards are kept: rerun the same command with --resume")
+    executed.first_dispatch = time.time()
+    try:
+        executed.report = run_stage(pool, batch.todo, lambda r: _journal(batch, executed, progress, r), log,
+                                    cfg.queue, lambda shard, why: _give_up(executed, shard, why), lines)
+    finally:
+        progress.close()
+    batch.laps.mark("dispatch_window")
+    for d in executed.described:
+        d["lost"] = d["device"] in executed.report.lost
+        if d["lost"]:
+            d["lost_reason"] = executed.report.lost[d["device"]]
+    write_json(batch.out / "devices.json", executed.described)
+    return executed
 
-    log = (lambda *a, **k: None) if cfg.quiet else log
-    laps = Laps()
-    out = prepare_out(cfg)
-    plan = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
-    inputs = None if plan else load_inputs(cfg)
-    laps.mark("inputs")
-    with session_for(cfg) as session:
-        laps.mark("ray_start")
-        backend = choose_backend(cfg.backend, session.devices)
-        cfg = settle_uint8_input(cfg, backend, session.devices)
-        if plan:
-            run_planned_detection(plan, session, cfg, backend, log)
-            inputs = load_inputs(cfg)
-            laps.mark("detection")
-        with actor_pool(session, Worker, backend, cfg.threads) as pool:
-            outcome = run_batch(cfg, session, pool, inputs, backend, cfg.bs[0], out, log)
-            laps.mark("run")
-    laps.mark("ray_stop")
-    run_laps = laps.seconds.pop("run")
-    outcome.phases = {**laps.seconds, **outcome.phases, "other": run_laps - sum(outcome.phases.values())}
-    log(format_throughput(outcome.throughput))
-    log(format_metrics(outcome.metrics))
-    return outcome
+
+def _journal(batch: BatchPlan, executed: Executed, progress: Progress, result: ShardResult) -> None:
+    try:
+        batch.journal.add(result)
+    except OSError as e:
+        raise RunError(f"{batch.journal.dir}: cannot save a finished shard ({e.strerror or e}); the "
+                       f"{len(batch.done) + len(executed.fresh)} shards saved before are kept: free the disk, then "
+                       "rerun the same command with --resume") from None
+    executed.fresh.append(result)
+    executed.last_result = time.time()
+    progress.update(result)
 
 
-def ready_workers(cfg: RunConfig, session: Session, pool: ActorPool, backend: str, model_path: str, bs: int,
-                  out: Path, log) -> list[dict]:
-    """The pose workers at batch size ``bs``: started on first use, switched in a sweep's later runs.
+def _give_up(executed: Executed, shard: Shard, why: str) -> None:
+    executed.failed.extend((b.id, f"its shard failed on every try: {why}") for b in shard.boxes)
+
+
+def ready_workers(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorPool,
+                  log) -> list[dict]:
+    """The pose workers at the batch plan's size: started on first use, switched in a sweep's later runs.
 
     A worker that cannot switch (it died between two batch sizes) is dropped with one
     line and the run goes on with the others. ``OUT/devices.json`` says who runs where.
     """
-    dump_dir = str((out / "heatmaps").resolve()) if cfg.dump_heatmaps else None
+    dump_dir = str((batch.out / "heatmaps").resolve()) if cfg.output.dump_heatmaps else None
     if not pool.started:
-        def worker_config(p: Placement) -> WorkerConfig:
-            prep = prep_threads(cfg.prep_threads, p.in_process, backend, session.cpus_per_worker)
-            return WorkerConfig(backend, model_path, p.in_process, p.label, p.device.kind, bs, p.threads, prep,
-                                cfg.flip, dump_dir, variant_of(cfg), cfg.sim_rate,
-                                opencv_threads(prep, p.in_process, backend, session.cpus_per_worker))
-
-        described = pool.start(worker_config)
+        described = pool.start(lambda p: worker_config(p, batch, cfg, plan, session, dump_dir))
         log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
     else:
-        for label, why in pool.call_all("set_batch", model_path, bs, dump_dir).items():
-            log(f"device {label} lost (it could not switch to bs {bs}: {why}); the others go on")
+        for label, why in pool.call_all("set_batch", batch.model_path, batch.bs, dump_dir).items():
+            log(f"device {label} lost (it could not switch to bs {batch.bs}: {why}); the others go on")
         if not pool.actors:
             raise RunError(f"every device was lost ({'; '.join(f'{k}: {v}' for k, v in pool.lost.items())}); "
                            "rerun the same command with --resume to continue from the batch sizes done")
     described = pool.current()
-    write_json(out / "devices.json", described)
+    write_json(batch.out / "devices.json", described)
     return described
 
 
-def run_batch(cfg: RunConfig, session: Session, pool: ActorPool, inputs: Inputs, backend: str, bs: int,
-              out: Path, log, keep_finished: bool = False) -> RunOutcome:
-    """One full pass over the boxes at batch size ``bs`` into ``out``: the body of a run.
+def worker_config(p: Placement, batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session,
+                  dump_dir: str | None) -> WorkerConfig:
+    prep = prep_threads(cfg.backend.prep_threads, p.compute_device, plan.backend, session.cpus_per_worker)
+    place = p.place(opencv_threads=opencv_threads(prep, p.compute_device, plan.backend, session.cpus_per_worker))
+    return WorkerConfig(place=place, model_path=batch.model_path, batch_size=batch.bs, prep_threads=prep,
+                        flip=plan.flip, dump_dir=dump_dir, variant=plan.variant, sim_rate=cfg.backend.sim_rate)
 
-    ``keep_finished``: with --resume, a run whose shards and files are all there is
-    read back instead of being written again (a sweep's finished batch sizes).
-    """
-    box_set, weights, evaluated = inputs.box_set, inputs.weights, inputs.evaluated
-    devices = session.devices
-    laps = Laps()
-    model_path = prepare_model(cfg, backend, weights, box_set, bs, devices)
-    laps.mark("model")
-    previous = Journal.previous_fingerprint(out / "journal") if cfg.resume else None
-    # A resumed run keeps its shards, whatever the device count now.
-    per_shard = (previous or {}).get("shard_boxes") or shard_boxes(len(box_set.boxes), bs, cfg.shard_size,
-                                                                   len(devices))
-    journal = Journal(out / "journal", fingerprint(cfg, box_set, weights, backend, bs, model_path, devices,
-                                                   per_shard))
-    done = journal.start(cfg.resume)
-    shards = make_shards(box_set, per_shard)
-    laps.mark("journal_and_shards")
-    # A shard with skipped boxes runs again: the file may be readable now (a transient error, a fix).
-    todo = deque(s for s in shards if s.id not in done or done[s.id].skipped)
-    done = {k: r for k, r in done.items() if not r.skipped}
-    if keep_finished and cfg.resume and not todo and all((out / n).exists() for n in RUN_FILES):
-        log(f"bs {bs}: finished before, kept ({out})")
-        return load_outcome(out)
-    started = time.time()
-    log(f"{len(box_set.boxes)} boxes in {len(shards)} shards of {per_shard} ({len(done)} done before) on "
-        f"{', '.join(str(d) for d in devices)}{' (Ray cluster)' if session.existing else ''}; "
-        f"backend {backend}, bs {bs}")
-    if "npu" in {d.kind for d in devices} and compute_device("npu", backend) == "cpu":
-        log(f"note: backend {backend} computes on the CPU; the NPU slots only place the workers")
-    fresh: list[ShardResult] = []
-    failed: list[tuple[int, str]] = []  # (box id, why) of shards given up
-    described: list[dict] = []
-    report = DispatchReport()
-    first_dispatch = last_result = time.time()
-    if todo:
-        described = ready_workers(cfg, session, pool, backend, model_path, bs, out, log)
-        laps.mark("workers")
-        done_boxes = sum(len(r.box_ids) for r in done.values())
-        progress = Progress(len(box_set.boxes), done_boxes, [d["device"] for d in described], len(shards),
-                            quiet=cfg.quiet, log=log, title=f"bs {bs} ")
 
-        def on_result(r: ShardResult) -> None:
-            nonlocal last_result
-            try:
-                journal.add(r)
-            except OSError as e:
-                raise RunError(f"{journal.dir}: cannot save a finished shard ({e.strerror or e}); the "
-                               f"{len(done) + len(fresh)} shards saved before are kept: free the disk, then rerun "
-                               "the same command with --resume") from None
-            fresh.append(r)
-            last_result = time.time()
-            progress.update(r)
+# ---------------------------------------------------------------- summarise
 
-        def on_failed(shard: Shard, why: str) -> None:
-            failed.extend((b.id, f"its shard failed on every try: {why}") for b in shard.boxes)
 
-        first_dispatch = time.time()
-        stop = threading.Event()
-        try:
-            with ctrl_c_stops(stop):
-                report = dispatch(pool, todo, on_result, log, dispatch_policy(cfg), on_failed, stop)
-        except (Stopped, KeyboardInterrupt):
-            raise Interrupted(f"interrupted: {len(done) + len(fresh)} of {len(shards)} shards are saved "
-                              f"in {out / 'journal'}; rerun the same command with --resume") from None
-        except AllDevicesLost as e:
-            raise RunError(f"{e}; finished shards are kept: rerun the same command with --resume") from None
-        finally:
-            progress.close()
-        laps.mark("dispatch_window")
-    for d in described:
-        d["lost"] = d["device"] in report.lost
-        if d["lost"]:
-            d["lost_reason"] = report.lost[d["device"]]
-    if described:
-        write_json(out / "devices.json", described)
+@dataclass
+class Summary:
+    merged: Merged
+    columns: PoseColumns  # one row per box computed, before OKS-NMS
+    kept: object  # rows OKS-NMS keeps (numpy indices), and their rescored scores
+    scores: object
+    metrics: dict
+    throughput: dict | None  # None: a resume that computed nothing keeps the file there
 
-    merged = merge_shards(list(done.values()) + fresh)
+
+def summarise(batch: BatchPlan, executed: Executed, cfg: RunConfig, plan: RunPlan, log) -> Summary:
+    """Everything the run's files hold, computed from the journal and this run's results."""
+    inputs, laps = batch.inputs, batch.laps
+    merged = merge_shards(list(batch.done.values()) + executed.fresh)
     # Columns until the file is written: the dicts of 100,000 results would hold ~400 MB at once.
-    columns = pose_columns(box_set.boxes, merged.box_ids, merged.keypoints, merged.crop_boxes)
+    columns = pose_columns(inputs.box_set.boxes, merged.box_ids, merged.keypoints, merged.crop_boxes)
     laps.mark("merge_and_records")
     kept, scores = nms_rows(columns.image_ids, columns.scores, columns.keypoints, columns.areas)
     laps.mark("oks_nms")
-    write_results(out / "keypoints.json", columns, kept, scores)
-    laps.mark("write_keypoints")
-    if cfg.check_backend:  # outside the dispatch window: not part of any throughput figure
-        check_parity(cfg, inputs, backend, bs, merged, out, log)
+    if cfg.evaluation.check_backend:  # outside the dispatch window: not part of any throughput figure
+        check_parity(cfg, plan, inputs, batch.bs, merged, batch.out, log)
         laps.mark("parity")
+    metrics = {"evaluated": inputs.evaluated and plan.backend != "sim"}
+    if metrics["evaluated"]:
+        metrics.update(evaluate_keypoints(inputs.box_set.ann_file, columns.records(kept, scores),
+                                          cfg.evaluation.evaluator))
+        laps.mark("evaluation")
+    else:
+        metrics["accuracy"] = "n/a (simulated device)" if plan.backend == "sim" else "n/a (no checkpoint)"
+    metrics.update(counts(inputs.box_set, merged, len(kept), executed.failed))
+    tp = None
+    if executed.fresh or not (batch.out / "throughput.json").exists():
+        tp = run_throughput(batch, executed)
+    return Summary(merged, columns, kept, scores, metrics, tp)
 
+
+def counts(box_set: BoxSet, merged: Merged, results: int, failed: list[tuple[int, str]]) -> dict:
+    """metrics.json's counts: boxes, results, completeness and every skipped box with its reason."""
     skipped = [{"box_index": s.box_index, "image_id": s.image_id, "reason": s.reason} for s in box_set.skipped]
     by_id = {b.id: b for b in box_set.boxes}
     skipped += [{"box_index": i, "image_id": by_id[i].image_id, "reason": reason}
                 for i, reason in sorted(merged.skipped + failed)]
-    metrics = {"evaluated": evaluated and backend != "sim"}
-    if metrics["evaluated"]:
-        metrics.update(evaluate_keypoints(box_set.ann_file, columns.records(kept, scores), cfg.evaluator))
-        laps.mark("evaluation")
-    else:
-        metrics["accuracy"] = "n/a (simulated device)" if backend == "sim" else "n/a (no checkpoint)"
-    metrics.update({"boxes": len(box_set.boxes) + len(box_set.skipped), "results_before_nms": len(columns),
-                    "results": len(kept), "skipped": len(skipped), "complete": not skipped,
-                    "skipped_boxes": skipped, "ann_file": box_set.ann_file, "box_source": box_set.source})
-    write_json(out / "metrics.json", metrics)
-
-    if fresh or not (out / "throughput.json").exists():
-        tp = run_throughput(fresh, done, described, report, first_dispatch, last_result, out)
-        write_json(out / "throughput.json", tp)
-        laps.mark("write_metrics_throughput")
-        finished = time.time()
-        write_json(out / "run.json", {
-            "config": asdict(cfg), "bs": bs, "backend": backend, "model_path": model_path,
-            "model": {"name": "FastPose ResNet-50 256x192", "file": Path(model_path).name},
-            "devices": described,
-            "device_specs": [{"kind": d.kind, "id": d.id, "name": d.name, "soc": d.soc} for d in devices],
-            "versions": versions(), "weights": weights, "weights_sha256": journal.fingerprint["weights_sha256"],
-            "box_source": box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
-            "boxes": len(box_set.boxes), "skipped_boxes": len(box_set.skipped),
-            "started": started, "finished": finished, "started_iso": iso_time(started), "finished_iso": iso_time(finished),
-            "phases_seconds": dict(laps.seconds), "driver_peak_rss_mb": peak_rss_mb(),
-            "timing_scope": dict(tp["labels"], **TIMING_SCOPE)})
-    else:  # a resume with nothing left to run: the figures of the run that computed it stay
-        tp = json.loads((out / "throughput.json").read_text())
-    laps.mark("write_run")
-    return RunOutcome(out, metrics, tp, list(tp.get("lost_devices", [])), laps.seconds)
+    return {"boxes": len(box_set.boxes) + len(box_set.skipped), "results_before_nms": len(merged.box_ids),
+            "results": results, "skipped": len(skipped), "complete": not skipped, "skipped_boxes": skipped,
+            "ann_file": box_set.ann_file, "box_source": box_set.source}
 
 
-def run_throughput(fresh: list[ShardResult], done: dict[int, ShardResult], described: list[dict],
-                   report: DispatchReport, first_dispatch: float, last_result: float, out: Path) -> dict:
+def run_throughput(batch: BatchPlan, executed: Executed) -> dict:
     """throughput.json: this run's shards; when it computed none, rebuilt from the journal."""
-    if not fresh and done:
+    report, done = executed.report, batch.done
+    if not executed.fresh:
         results = list(done.values())
-        known = {d["device"]: d for d in (json.loads((out / "devices.json").read_text())
-                                          if (out / "devices.json").exists() else [])}
+        known = {d["device"]: d for d in (json.loads((batch.out / "devices.json").read_text())
+                                          if (batch.out / "devices.json").exists() else [])}
         rows = [known.get(label, {"device": label, "kind": label.split(":")[0]})
                 for label in dict.fromkeys(r.device for r in results)]
         tp = throughput(results, rows, min(r.started for r in results), max(r.finished for r in results))
         tp["totals"]["rebuilt_from_journal"] = True
         tp["totals"]["resumed_boxes"] = 0
     else:
-        tp = throughput(fresh, described, first_dispatch, last_result)
+        tp = throughput(executed.fresh, executed.described, executed.first_dispatch, executed.last_result)
         tp["totals"]["resumed_boxes"] = int(sum(len(r.box_ids) for r in done.values()))
     for row in tp["devices"]:
         row["copies_won"] = int(report.copies_won.get(row["id"], 0))
@@ -309,3 +365,40 @@ def run_throughput(fresh: list[ShardResult], done: dict[int, ShardResult], descr
     return tp
 
 
+# ---------------------------------------------------------------- write
+
+
+def write(batch: BatchPlan, executed: Executed, summary: Summary, cfg: RunConfig, plan: RunPlan) -> RunOutcome:
+    """The run's files, each atomically; a resume that computed nothing keeps its throughput and run.json."""
+    out, laps = batch.out, batch.laps
+    write_results(out / "keypoints.json", summary.columns, summary.kept, summary.scores)
+    laps.mark("write_keypoints")
+    write_json(out / "metrics.json", summary.metrics)
+    tp = summary.throughput
+    if tp is None:
+        tp = json.loads((out / "throughput.json").read_text())
+    else:
+        write_json(out / "throughput.json", tp)
+        laps.mark("write_metrics_throughput")
+        write_json(out / "run.json", run_record(batch, executed, cfg, plan, tp))
+    laps.mark("write_run")
+    return RunOutcome(out, summary.metrics, tp, list(tp.get("lost_devices", [])), laps.seconds)
+
+
+def run_record(batch: BatchPlan, executed: Executed, cfg: RunConfig, plan: RunPlan, tp: dict) -> dict:
+    """run.json: the configuration, versions, devices, inputs' sha256, times and phases."""
+    inputs, journal, finished = batch.inputs, batch.journal, time.time()
+    return {
+        "config": flat(cfg), "bs": batch.bs, "backend": plan.backend, "model_path": batch.model_path,
+        "plan": {"backend": plan.backend, "flip": plan.flip, "fused_flip": plan.variant.fused_flip,
+                 "uint8_input": plan.variant.uint8_input, "om_gears": list(plan.gears or ()),
+                 "soc_version": plan.soc_version},
+        "model": {"name": "FastPose ResNet-50 256x192", "file": Path(batch.model_path).name},
+        "devices": executed.described,
+        "device_specs": [{"kind": d.kind, "id": d.id, "name": d.name, "soc": d.soc} for d in plan.devices],
+        "versions": versions(), "weights": inputs.weights, "weights_sha256": journal.fingerprint["weights_sha256"],
+        "box_source": inputs.box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
+        "boxes": len(inputs.box_set.boxes), "skipped_boxes": len(inputs.box_set.skipped),
+        "started": batch.started, "finished": finished, "started_iso": iso_time(batch.started),
+        "finished_iso": iso_time(finished), "phases_seconds": dict(batch.laps.seconds),
+        "driver_peak_rss_mb": peak_rss_mb(), "timing_scope": dict(tp["labels"], **TIMING_SCOPE)}

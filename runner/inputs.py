@@ -6,16 +6,15 @@ the run before any worker starts, with nothing written.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cluster.devices import Device
 from runner.config import RunConfig
 from runner.errors import RunError
+from runner.plan import RunPlan
 from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
-from tasks.deploy import Variant
 from tasks.export import ExportOptions, export_onnx
 from tasks.pipeline import prepare_batch
 
@@ -26,22 +25,21 @@ COCO_HELP = ("COCO val2017 from cocodataset.org/#download (val2017.zip into DATA
              "annotations_trainval2017.zip into DATAROOT/annotations)")
 
 
-
 def resolve_inputs(cfg: RunConfig) -> tuple[BoxSet, str, bool]:
     """The boxes, the checkpoint path and whether accuracy means anything (not synthetic)."""
-    if cfg.synthetic:
+    if cfg.data.synthetic:
         from tasks.synthetic import write_synthetic_coco
 
-        root = Path(cfg.models_dir) / "synthetic" / f"n{cfg.synthetic}-seed{cfg.seed}"
+        root = Path(cfg.model.models_dir) / "synthetic" / f"n{cfg.data.synthetic}-seed{cfg.data.seed}"
         if not (root / "detections" / "dets.json").exists():
-            write_synthetic_coco(root, cfg.synthetic, seed=cfg.seed, extra_dets_per_image=0)
-        weights = random_checkpoint(cfg.models_dir, cfg.seed)
+            write_synthetic_coco(root, cfg.data.synthetic, seed=cfg.data.seed, extra_dets_per_image=0)
+        weights = random_checkpoint(cfg.model.models_dir, cfg.data.seed)
         return load_boxes(str(root), str(root / "detections" / "dets.json")), weights, False
     check_run_inputs(cfg)
-    if cfg.dets and not Path(cfg.dets).exists():
-        raise DataError(f"{cfg.dets}: detection file not found; give the right --dets, or --detector-weights "
+    if cfg.data.dets and not Path(cfg.data.dets).exists():
+        raise DataError(f"{cfg.data.dets}: detection file not found; give the right --dets, or --detector-weights "
                         "yolov3-spp.weights to write it with the detector first")
-    return load_boxes(cfg.dataroot, cfg.dets, cfg.ann), cfg.weights, True
+    return load_boxes(cfg.data.dataroot, cfg.data.dets, cfg.data.ann), cfg.model.weights, True
 
 
 def random_checkpoint(models_dir: str, seed: int) -> str:
@@ -62,24 +60,24 @@ def random_checkpoint(models_dir: str, seed: int) -> str:
 def check_run_inputs(cfg: RunConfig) -> None:
     """The inputs a real (not synthetic) run names are there and fit together; one line when not."""
     missing = []
-    if not cfg.dataroot:
+    if not cfg.data.dataroot:
         missing.append("--dataroot (a COCO root)")
-    elif not Path(cfg.dataroot).is_dir():
-        missing.append(f"dataroot {cfg.dataroot}")
-    if not cfg.weights:
+    elif not Path(cfg.data.dataroot).is_dir():
+        missing.append(f"dataroot {cfg.data.dataroot}")
+    if not cfg.model.weights:
         missing.append("--weights")
-    elif not Path(cfg.weights).is_file():
-        missing.append(f"weights {cfg.weights}")
-    if not cfg.dets and cfg.boxes != "gt":
+    elif not Path(cfg.model.weights).is_file():
+        missing.append(f"weights {cfg.model.weights}")
+    if not cfg.data.dets and cfg.data.boxes != "gt":
         missing.append("a box source (--dets FILE, --boxes gt, or --dets FILE with --detector-weights "
                        "yolov3-spp.weights to detect the boxes first)")
     if missing:
         raise RunError(f"missing {'; '.join(missing)}. Get {COCO_HELP} and {CHECKPOINT_HELP}; "
                        "or try the pipeline without them: python -m runner --synthetic 256")
-    if cfg.dets and cfg.boxes == "gt":
+    if cfg.data.dets and cfg.data.boxes == "gt":
         raise RunError("give either --dets FILE or --boxes gt, not both")
-    if cfg.boxes not in (None, "gt"):
-        raise RunError(f"--boxes {cfg.boxes!r}: the only box source besides --dets is 'gt'")
+    if cfg.data.boxes not in (None, "gt"):
+        raise RunError(f"--boxes {cfg.data.boxes!r}: the only box source besides --dets is 'gt'")
 
 
 def check_images(box_set: BoxSet, skip_missing: bool) -> None:
@@ -103,16 +101,6 @@ def check_images(box_set: BoxSet, skip_missing: bool) -> None:
     box_set.boxes = [b for b in box_set.boxes if b.image_id not in lost]
 
 
-def choose_backend(name: str, devices: list[Device]) -> str:
-    """``auto``: OM on NPUs, else ONNX Runtime (faster than PyTorch on CPU, measured)."""
-    kinds = {d.kind for d in devices}
-    if len(kinds) > 1:
-        raise RunError(f"--devices mixes {', '.join(sorted(kinds))}; run one kind per command")
-    if name != "auto":
-        return name
-    return "om" if "npu" in kinds else "onnxruntime"
-
-
 def check_crops(box_set: BoxSet, n: int = 4) -> np.ndarray:
     """Real crops for verifying an export: the first few boxes'."""
     boxes = box_set.boxes[:n]
@@ -120,82 +108,27 @@ def check_crops(box_set: BoxSet, n: int = 4) -> np.ndarray:
     return prepare_batch(boxes, images).crops
 
 
-#: Backends whose uint8-input model gives the float model's keypoints bit for bit on a CPU
-#: (tests/test_throughput.py). OpenVINO's differs in the 7th digit; on an NPU, ATC's default
-#: force_fp16 may normalise in fp16, and CUDA has not been measured.
-EXACT_UINT8_ON_CPU = ("onnxruntime", "torch")
-
-
-def settle_uint8_input(cfg: RunConfig, backend: str, devices: list[Device]) -> RunConfig:
-    """``uint8_input: auto`` made true or false for this run's backend and devices.
-
-    Auto is on where the host's own cores run the network and the in-graph
-    normalisation is the host's bit for bit: ONNX Runtime and PyTorch on CPU devices.
-    There the host's normalisation and float mirror take cores from the network
-    (every other thread costs ONNX Runtime about twice its CPU time on a busy host),
-    while inside the graph they cost it nothing measurable: the backend alone 1.001 of
-    the float model's speed, end to end +1.9% (2 cores, bs 16; docs/throughput.md).
-    """
-    if cfg.uint8_input is not None:
-        return cfg
-    on = backend in EXACT_UINT8_ON_CPU and all(d.kind == "cpu" for d in devices)
-    return replace(cfg, uint8_input=on)
-
-
-def variant_of(cfg: RunConfig) -> Variant:
-    """The model variant of a config whose ``uint8_input`` is settled (``settle_uint8_input``)."""
-    if cfg.uint8_input is None:
-        raise ValueError("uint8_input auto is settled per run: call settle_uint8_input first")
-    return Variant(fused_flip=cfg.fused_flip, uint8_input=cfg.uint8_input)
-
-
-def prepare_model(cfg: RunConfig, backend: str, weights: str, box_set: BoxSet, bs: int,
-                  devices: list[Device]) -> str:
+def prepare_model(cfg: RunConfig, plan: RunPlan, weights: str, box_set: BoxSet, bs: int) -> str:
     """The file the backend opens, converted and cached on first use ('' for sim: none)."""
-    variant = variant_of(cfg)
+    backend, variant, models_dir = plan.backend, plan.variant, cfg.model.models_dir
     if backend == "sim":
         return ""
     if backend == "torch":
         return str(Path(weights).resolve())
     if backend in ("onnxruntime", "openvino"):
         options = ExportOptions(batch_size=None, variant=variant)
-        return str(export_onnx(weights, cfg.models_dir, options, check_crops(box_set)).resolve())
+        return str(export_onnx(weights, models_dir, options, check_crops(box_set)).resolve())
     if backend == "om":
         from tasks.atc import convert_to_om
 
-        gears = om_gears(cfg, bs)
         # A dynamic-batch OM needs an ONNX whose batch ATC may set to -1: the symbolic-batch export.
-        onnx = export_onnx(weights, cfg.models_dir, ExportOptions(batch_size=None if gears else bs, variant=variant),
+        onnx = export_onnx(weights, models_dir, ExportOptions(batch_size=None if plan.gears else bs, variant=variant),
                            check_crops(box_set))
         # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
         layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
-        batch = {"gears": gears} if gears else {"batch_size": bs}
-        return str(convert_to_om(onnx, cfg.models_dir, soc_version(devices), **batch, **layout).resolve())
+        batch = {"gears": plan.gears} if plan.gears else {"batch_size": bs}
+        return str(convert_to_om(onnx, models_dir, plan.soc_version, **batch, **layout).resolve())
     raise RunError(f"unknown backend {backend!r}")
-
-
-def om_gears(cfg: RunConfig, bs: int) -> tuple[int, ...] | None:
-    """The gears of the dynamic-batch OM a run opens (``--om-batch dynamic``); None for a static OM.
-
-    They are the whole command's batch sizes (a sweep's, which it passes in ``om_gears``),
-    so every run of a sweep opens the same file, converted once. load_config has checked
-    that there are 2 to 100 of them.
-    """
-    if cfg.om_batch != "dynamic":
-        return None
-    return tuple(sorted(set(cfg.om_gears or cfg.bs) | {bs}))
-
-
-def soc_version(devices: list[Device]) -> str:
-    """The one chip type ATC builds an OM for."""
-    socs = {d.soc for d in devices}
-    if None in socs:
-        raise RunError("cannot tell the NPUs' soc_version for ATC (npu-smi, or Ray on a cluster, does not name "
-                       "the chip): pass --soc-version, e.g. --soc-version Ascend310P3")
-    if len(socs) != 1:
-        raise RunError(f"the devices of one run are of {len(socs)} chip types ({', '.join(sorted(socs))}); "
-                       "an OM is built for one: name devices of one type in --devices")
-    return socs.pop()
 
 
 @dataclass
@@ -209,7 +142,7 @@ class Inputs:
 
 def load_inputs(cfg: RunConfig) -> Inputs:
     box_set, weights, evaluated = resolve_inputs(cfg)
-    check_images(box_set, cfg.skip_missing_images)
+    check_images(box_set, cfg.data.skip_missing_images)
     if evaluated:  # before Ray starts: a wrong, truncated or unsafe file is named at once
         from tasks.model import check_checkpoint  # torch, imported only where a checkpoint is read
 

@@ -12,19 +12,26 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.config import RunConfig
+from runner.config import OutputConfig
 from runner.errors import RunError
 from runner.journal import atomic_write_parts, atomic_write_text
 from tasks.evaluation import STAT_NAMES, PoseColumns
 
 
-def prepare_out(cfg: RunConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+#: The files of one finished run; --resume keeps a batch size that has them all.
+RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
+#: What a sweep adds to OUT (runner.report.write_summary).
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json", "throughput.png")
+
+
+def prepare_out(out: Path, output: OutputConfig, sweep: bool = False) -> Path:
+    """``out`` ready for a run: refused when it holds results and neither --resume nor --overwrite is
+    given; with --overwrite alone the earlier results go (a sweep's summary too)."""
+    if out.exists() and any(out.iterdir()) and not (output.resume or output.overwrite):
         raise RunError(f"{out}: exists and is not empty; pass --resume to continue that run, "
                        "--overwrite to replace it, or another --out")
-    if out.exists() and cfg.overwrite and not cfg.resume:
-        for name in ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json", "parity.json"):
+    if out.exists() and output.overwrite and not output.resume:
+        for name in (*RUN_FILES, "devices.json", "parity.json", *(SUMMARY_FILES if sweep else ())):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "journal", ignore_errors=True)
         shutil.rmtree(out / "heatmaps", ignore_errors=True)
@@ -120,8 +127,8 @@ TIMING_SCOPE = {
     "device_seconds scope": "per backend call, timed inside the actor around the backend's run()",
     "phases_seconds": "the driver's wall seconds per phase of this batch size, in order, up to writing run.json: "
                       "model (conversion or cache), journal_and_shards, workers (start or switch), dispatch_window, "
-                      "merge_and_records, oks_nms, write_keypoints, parity (--check-backend), evaluation, "
-                      "write_metrics_throughput",
+                      "merge_and_records, oks_nms, parity (--check-backend), evaluation, write_keypoints, "
+                      "write_metrics_throughput, write_run",
     "driver_peak_rss_mb": "the driver process's peak resident memory so far (MiB)",
 }
 

@@ -9,13 +9,15 @@ and a verdict against the tolerance stated beside them.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from cluster.reducer import Merged
 from runner.config import RunConfig
-from runner.inputs import Inputs, prepare_model, variant_of
+from runner.inputs import Inputs, prepare_model
+from runner.plan import RunPlan
 from runner.outputs import write_json
 from tasks.backends import open_backend
 from tasks.compare import compare_results
@@ -53,17 +55,19 @@ def checked_boxes(boxes: list[Box], n: int, bs: int) -> list[Box]:
     return boxes[:-(-n // bs) * bs]
 
 
-def reference_keypoints(cfg: RunConfig, inputs: Inputs, reference: str, boxes: list[Box], bs: int
+def reference_keypoints(cfg: RunConfig, plan: RunPlan, inputs: Inputs, reference: str, boxes: list[Box], bs: int
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(box ids, keypoints [n, 17, 3], crop boxes) of ``boxes`` through ``reference`` on this CPU."""
-    model_path = prepare_model(cfg, reference, inputs.weights, inputs.box_set, bs, [])
-    backend = open_backend(reference, model_path, "cpu", bs, cfg.threads or os.cpu_count() or 1, variant_of(cfg))
+    on_cpu = replace(plan, backend=reference, gears=None, devices=(), soc_version=None)
+    model_path = prepare_model(cfg, on_cpu, inputs.weights, inputs.box_set, bs)
+    backend = open_backend(reference, model_path, "cpu", bs, cfg.backend.threads or os.cpu_count() or 1,
+                           plan.variant)
     images = {i: read_rgb(inputs.box_set.image_paths[i]) for i in dict.fromkeys(b.image_id for b in boxes)}
     ids, kpts, crops = [], [], []
     try:
         for start in range(0, len(boxes), bs):
             batch = prepare_batch(boxes[start:start + bs], images)
-            keypoints, _ = keypoints_for_batch(backend, batch, cfg.flip)
+            keypoints, _ = keypoints_for_batch(backend, batch, plan.flip)
             ids.append(batch.box_ids), kpts.append(keypoints), crops.append(batch.crop_boxes)
     finally:
         backend.close()
@@ -75,11 +79,11 @@ def rescored_records(columns: PoseColumns) -> list[dict]:
     return columns.records(np.arange(len(columns)), rescore_scores(columns.keypoints[:, :, 2], columns.scores))
 
 
-def check_parity(cfg: RunConfig, inputs: Inputs, backend: str, bs: int, merged: Merged, out: Path, log) -> dict:
-    """Write ``OUT/parity.json`` for the run's first boxes against ``cfg.check_backend``; log one line."""
-    reference = cfg.check_backend
-    boxes = checked_boxes(inputs.box_set.boxes, cfg.check_boxes, bs)
-    ref_ids, ref_kpts, ref_crops = reference_keypoints(cfg, inputs, reference, boxes, bs)
+def check_parity(cfg: RunConfig, plan: RunPlan, inputs: Inputs, bs: int, merged: Merged, out: Path, log) -> dict:
+    """Write ``OUT/parity.json`` for the run's first boxes against ``--check-backend``; log one line."""
+    reference, backend = cfg.evaluation.check_backend, plan.backend
+    boxes = checked_boxes(inputs.box_set.boxes, cfg.evaluation.check_boxes, bs)
+    ref_ids, ref_kpts, ref_crops = reference_keypoints(cfg, plan, inputs, reference, boxes, bs)
     # The run's own results for the same boxes (a box skipped by the run is in neither).
     rows = np.flatnonzero(np.isin(merged.box_ids, ref_ids))
     ran = rescored_records(pose_columns(inputs.box_set.boxes, merged.box_ids[rows], merged.keypoints[rows],

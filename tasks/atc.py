@@ -1,4 +1,4 @@
-"""ONNX -> OM with Huawei's ATC, cached by ONNX hash, soc_version and batch (spec ascend.md §3).
+"""ONNX -> OM with Huawei's ATC, cached by ONNX hash, soc_version and batch (docs/ascend.md).
 
     atc_command(onnx, output_stem, soc)            the argv, exactly the published recipe
     convert_to_om(onnx, models_dir, soc, bs)       the cached OM; runs `atc` when it is missing
@@ -25,11 +25,11 @@ from tasks.export import INPUT_NAME
 from tasks.spec import FASTPOSE, file_sha256
 
 SUCCESS_LINE = "ATC run success, welcome to the next use."
-#: Gears of a dynamic-batch OM when none are given (spec §3.4's example).
+#: Gears of a dynamic-batch OM when none are given (ATC's own example).
 DEFAULT_GEARS = (1, 2, 4, 8, 16)
 #: FastPose's input without the batch: the default of atc_command and convert_to_om.
 FASTPOSE_CHW = (3, *FASTPOSE.input_hw)
-# 'E10007: ...', 'EZ3003: ...', 'EC0010: [PID: 1] ...': error codes start a line (spec §3.2).
+# 'E10007: ...', 'EZ3003: ...', 'EC0010: [PID: 1] ...': error codes start a line (docs/ascend.md).
 _ERROR_CODE = re.compile(r"^\s*(E[0-9A-Z]\d{4}):")
 _LOADER_ERROR = "error while loading shared libraries"
 
@@ -42,7 +42,7 @@ def atc_command(onnx_path: str | Path, output_stem: str | Path, soc_version: str
                 batch_size: int | None = None, gears: Sequence[int] | None = None, *,
                 input_name: str = INPUT_NAME, input_chw: Sequence[int] = FASTPOSE_CHW,
                 input_format: str = "NCHW") -> list[str]:
-    """The `atc` argv that turns ``onnx_path`` into ``output_stem``.om (spec §3.1).
+    """The `atc` argv that turns ``onnx_path`` into ``output_stem``.om (docs/ascend.md).
 
     ``batch_size`` makes a static OM; ``None`` a dynamic-batch one with ``gears``
     (default 1,2,4,8,16). ``output_stem`` has no ``.om``: ATC appends it.
@@ -120,7 +120,7 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
         made = _run_atc([exe, *argv[1:]], work, stem.name, stem.parent / f"{stem.name}.atc.log", timeout)
         om = stem.parent / made.name
         os.replace(made, om)
-        # ais_bench refuses group/other-writable model files (spec §1.2).
+        # ais_bench refuses group/other-writable model files (docs/ascend.md).
         os.chmod(om, 0o644)
         info = {"onnx": str(onnx_path), "onnx_sha256": sha, "soc_version": soc_version,
                 "batch_size": batch_size, "gears": None if batch_size is not None else list(_gears(gears)),
@@ -133,7 +133,7 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
 
 
 def _run_atc(argv: list[str], work: Path, name: str, log: Path, timeout: float) -> Path:
-    """Run ATC in ``work``, its output to ``log``; the single OM it made, or AtcError (spec §3.2)."""
+    """Run ATC in ``work``, its output to ``log``; the single OM it made, or AtcError (docs/ascend.md)."""
     try:
         proc = subprocess.run(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace", timeout=timeout)

@@ -3,7 +3,7 @@
 Layout: ``DATAROOT/val2017/<file_name>`` and
 ``DATAROOT/annotations/person_keypoints_val2017.json``. Boxes come from a
 detection file (a COCO results list, used unfiltered and in file order, as
-upstream does: trap T16) or from the ground truth.
+upstream does: trap T16, docs/numerics.md#boxes) or from the ground truth.
 """
 from __future__ import annotations
 
@@ -215,7 +215,12 @@ def _read_image_bytes(path: str, attempts: int, backoff_s: float) -> bytes:
 
 
 def read_rgb(path: str, attempts: int = 4, backoff_s: float = 0.05) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]``: OpenCV's decode (BGR, EXIF applied, grey -> 3 channels) then to RGB.
+    """RGB uint8 ``[H, W, 3]``: ``read_bgr``, then to RGB (the pose stage's crops are cut from RGB)."""
+    return cv2.cvtColor(read_bgr(path, attempts, backoff_s), cv2.COLOR_BGR2RGB)
+
+
+def read_bgr(path: str, attempts: int = 4, backoff_s: float = 0.05) -> np.ndarray:
+    """BGR uint8 ``[H, W, 3]``: OpenCV's decode (EXIF applied, grey -> 3 channels), checked.
 
     The file is read once, here, and decoded from memory (``cv2.imdecode`` decodes as
     ``cv2.imread`` does, EXIF orientation included), so that a read error is seen with
@@ -231,4 +236,4 @@ def read_rgb(path: str, attempts: int = 4, backoff_s: float = 0.05) -> np.ndarra
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if bgr is None:
         raise ImageError(f"{path}: cannot be decoded as an image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return bgr

@@ -10,7 +10,6 @@ do not (measured identical for 1 and 2 threads).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -96,12 +95,13 @@ def at_once(*calls):
 
 def config(data: dict, checkpoint: str, models_dir: str, out: Path, **overrides):
     """A RunConfig as the CLI would build it, for ``runner.driver.run`` in this process."""
-    from runner.config import load_config
+    from runner.config import changed, load_config
 
     cfg = load_config(None, {"dataroot": data["dataroot"], "dets": data["dets"], "weights": checkpoint,
                              "backend": "torch", "bs": BS, "shard_size": BS, "threads": 1, "models_dir": models_dir,
-                             "out": str(out), "quiet": True})
-    return dataclasses.replace(cfg, **overrides)
+                             "out": str(out), "quiet": True, **overrides})
+    # load_config reads None as "not given": an override that clears a key is set afterwards.
+    return changed(cfg, **{k: v for k, v in overrides.items() if v is None})
 
 
 @functools.lru_cache(maxsize=None)

@@ -402,8 +402,12 @@ def test_tiny_onnxruntime_matches_torch(tiny):
 def test_unreadable_image_is_one_line(tiny, tmp_path):
     bad = tmp_path / "000000000001.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(ImageError, match="not found or not a decodable image"):
+    with pytest.raises(ImageError, match="cannot be decoded as an image"):
         detect_image(torch_net_fn(tiny["model"]), bad, 1, tiny["cfg"].yolo_heads)
+    cut = tmp_path / "000000000002.jpg"  # libjpeg would pad it with grey and detect on that
+    cut.write_bytes(Path(tiny["images"][0][0]).read_bytes()[:4000])
+    with pytest.raises(ImageError, match="truncated JPEG"):
+        detect_image(torch_net_fn(tiny["model"]), cut, 2, tiny["cfg"].yolo_heads)
 
 
 def test_write_detections_is_upstreams_json_and_atomic(tmp_path):
@@ -496,7 +500,7 @@ def test_tiny_om_through_fake_ais_bench_equals_onnxruntime(tiny, tmp_path, monke
     import sys
 
     from tasks.atc import convert_to_om
-    from tasks.backends.om import OmModelError
+    from tasks.backends.sessions import OmModelError
     from tasks.detector.om_runtime import DetectorOm
 
     fakes = Path(__file__).resolve().parent / "fakes"

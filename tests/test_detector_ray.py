@@ -194,13 +194,10 @@ def test_a_lost_detector_worker_hands_its_shards_to_the_other(det):
     import re
     import signal
 
-    from runner.config import load_config
+    from cluster.session import ray_session
     from runner.detect import DetectJob, check_detect_inputs, detect_on_session
-    from runner.control import session_for
 
     out = det["dir"] / "dets-after-loss.json"
-    cfg = load_config(None, {"devices": "cpu:2", "threads": int(THREADS), "models_dir": str(det["models"]),
-                             "quiet": True})
     inputs = check_detect_inputs(DetectJob(det["coco"]["dataroot"], None, str(det["weights"]), None, str(out),
                                            shard_size=1))
     lines: list[str] = []
@@ -213,9 +210,33 @@ def test_a_lost_detector_worker_hands_its_shards_to_the_other(det):
             os.kill(int(pid), signal.SIGKILL)
             killed.append(label)
 
-    with session_for(cfg) as session:
-        outcome = detect_on_session(session, inputs, "torch", cfg.models_dir, cfg.threads, log)
+    with ray_session("cpu:2") as session:
+        outcome = detect_on_session(session, inputs, "torch", str(det["models"]), int(THREADS), log)
     assert killed == ["cpu:1"] and outcome.lost_devices == ["cpu:1"]
     assert any(line.startswith("device cpu:1 lost (") for line in lines), lines
     assert outcome.devices["cpu:0"]["images"] == 3 and outcome.devices["cpu:1"]["images"] == 0
     assert out.read_bytes() == detect(det, "torch", "cpu", THREADS)["bytes"]
+
+
+def test_a_truncated_image_gets_no_detections_and_is_named_the_others_unchanged(det, tmp_path):
+    """Read as the pose stage reads: libjpeg's grey padding of a truncated JPEG is never detected on."""
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(det["coco"]["dataroot"], root)
+    cut = sorted((root / "val2017").glob("*.jpg"))[1]
+    cut.write_bytes(cut.read_bytes()[:3000])
+    cut_id = int(cut.stem)
+    out = tmp_path / "dets.json"
+    proc = run_cli([sys.executable, "-m", "runner", "detect", "--dataroot", str(root), "--weights",
+                    str(det["weights"]), "--out", str(out), "--devices", "cpu", "--backend", "onnxruntime",
+                    "--threads", "1", "--models-dir", str(det["models"])], cli_env(), tmp_path)
+    full = json.loads(detect(det, "onnxruntime", "cpu", "1")["bytes"])
+    got = json.loads(out.read_text())
+    assert {r["image_id"] for r in got} == {r["image_id"] for r in full} - {cut_id}
+    assert got == [r for r in full if r["image_id"] != cut_id]  # the others' records, byte for byte in order
+    lines = [line for line in proc.stdout.splitlines() if str(cut) in line]
+    assert lines == [f"{cut}: truncated JPEG (no end-of-image marker) (image id {cut_id}): no detections for it"]
+    record = json.loads((tmp_path / "dets.skipped_images.json").read_text())
+    assert record == {"skipped_images": [{"image_id": cut_id, "file": str(cut),
+                                          "reason": f"{cut}: truncated JPEG (no end-of-image marker)"}]}

@@ -1,9 +1,6 @@
-"""The shard queue (cluster.dispatch) on its own: fill order, retries, lost results, hung and slow workers.
-
-Two kinds of workers: a fake Ray (plain Python, one outcome planned per call) for the
-error handling, whose exceptions Ray raises at the driver and which no real worker can
-be made to produce on cue; and small real Ray actors that sleep, hang or raise, for
-what depends on time (hung and slow workers).
+"""The shard queue: its rules on their own (cluster.queue, no Ray), Ray's errors classified, and the
+Ray loop (cluster.dispatch.run_shards) with small real actors that sleep, hang or raise: hung and slow
+workers, every worker lost, the stop event, a driver-side bug.
 """
 from __future__ import annotations
 
@@ -17,8 +14,9 @@ import pytest
 ray = pytest.importorskip("ray")
 import ray.exceptions as rex  # noqa: E402
 
-from cluster.dispatch import DispatchPolicy, classify, device_timeout, dispatch  # noqa: E402
+from cluster.dispatch import classify, run_shards  # noqa: E402
 from cluster.errors import AllDevicesLost, Stopped  # noqa: E402
+from cluster.queue import DispatchPolicy, ShardQueue, device_timeout  # noqa: E402
 from cluster.pool import ActorPool  # noqa: E402
 from cluster.session import Session  # noqa: E402
 
@@ -35,98 +33,157 @@ class Done:
     ran_on: str = ""
 
 
-# ---------------------------------------------------------------- a fake Ray: errors on cue
+# ---------------------------------------------------------------- the queue's rules, no Ray
 
 
-class FakeRef:
-    def __init__(self, label: str, shard, outcome) -> None:
-        self.label, self.shard, self.outcome = label, shard, outcome
+class Queue:
+    """A ShardQueue whose sends are recorded; the test plays Ray: it says how each token ended."""
+
+    def __init__(self, workers=("a", "b"), shards=6, **policy) -> None:
+        self.sent, self.lines, self.now = [], [], 0.0
+        self.queue = ShardQueue([FakeShard(k) for k in range(shards)], list(workers),
+                                DispatchPolicy(**policy), self._send, self.lines.append)
+
+    def _send(self, worker, shard):
+        self.sent.append((worker, shard.id))
+        return len(self.sent) - 1  # the token: the send's index
+
+    def drive(self, outcome, limit=200):
+        """Fill, then settle the oldest token as ``outcome(worker, shard_id, n)`` says ('ok' or a failure
+        kind), ``n`` counting earlier sends of that shard, until done. The results: [(shard id, worker)]."""
+        results, dropped, given_up = [], [], []
+        for _ in range(limit):
+            if self.queue.done:
+                return results, dropped, given_up
+            self.queue.fill(self.now)
+            token = self.queue.tokens[0]
+            worker, shard_id = self.sent[token]
+            n = [s for _, s in self.sent[:token]].count(shard_id)
+            kind = outcome(worker, shard_id, n)
+            self.now += 1.0
+            if kind == "ok":
+                sent, unwanted = self.queue.succeeded(token, self.now)
+                results.append((sent.shard.id, sent.worker))
+            else:
+                failure = self.queue.failed(token, kind, f"{kind} on {worker}", self.now)
+                dropped += failure.dropped
+                if failure.given_up:
+                    given_up.append((failure.given_up[0].id, failure.given_up[1]))
+        raise AssertionError("the queue never finished")
 
 
-class FakeRay:
-    """Ray's wait/get/kill/cancel for actors whose every call ends as ``plan(label, shard, n)`` says:
-    a ``Done`` or an exception instance (``n``: how many times that shard was sent before)."""
-
-    def __init__(self, plan) -> None:
-        self.plan, self.sent, self.killed = plan, [], []
-
-    def actor(self, label: str):
-        fake = self
-
-        class Method:
-            @staticmethod
-            def remote(shard):
-                n = sum(1 for s in fake.sent if s[1] == shard.id)
-                fake.sent.append((label, shard.id))
-                return FakeRef(label, shard, fake.plan(label, shard, n))
-
-        return type("Handle", (), {"run_shard": Method, "label": label})()
-
-    def wait(self, refs, num_returns=1, timeout=None):
-        return refs[:num_returns], refs[num_returns:]
-
-    def get(self, ref):
-        if isinstance(ref.outcome, BaseException):
-            raise ref.outcome
-        return ref.outcome
-
-    def kill(self, handle, no_restart=True):
-        self.killed.append(handle.label)
-
-    def cancel(self, ref):
-        pass
+def ok(worker, shard_id, n):
+    return "ok"
 
 
-def fake_pool(fake: FakeRay, labels: list[str]) -> ActorPool:
-    pool = ActorPool(Session(fake, [], 1.0, existing=True), object, "sim", 1)
-    pool.actors = {label: fake.actor(label) for label in labels}
-    return pool
+def test_first_fill_gives_every_worker_one_shard_before_any_gets_two():
+    q = Queue(workers=("a", "b", "c"), shards=7)
+    q.queue.fill(0.0)
+    assert q.sent == [("a", 0), ("b", 1), ("c", 2), ("a", 3), ("b", 4), ("c", 5)]  # two in flight each
+    results, _, _ = q.drive(ok)
+    assert sorted(s for s, _ in results) == list(range(7)) and q.sent[6] == ("a", 6)
 
 
-def ok(label, shard, n):
-    return Done(shard.id)
+def test_a_poisonous_shard_is_retried_elsewhere_then_given_up_and_no_worker_is_dropped():
+    q = Queue(shards=6)
+    results, dropped, given_up = q.drive(lambda w, s, n: "task" if s == 2 else "ok")
+    assert sorted(s for s, _ in results) == [0, 1, 3, 4, 5]
+    assert [w for w, s in q.sent if s == 2] == ["a", "b", "a"]  # another worker each retry, while there is one
+    assert given_up == [(2, "task on a")] and q.queue.report.failed[0][0].id == 2
+    assert dropped == [] and not q.queue.report.lost and q.queue.workers == ["a", "b"]
+    assert "shard 2 failed 3 times, last on a (task on a); its boxes are skipped" in q.lines
+
+
+def test_a_worker_that_fails_every_shard_is_dropped_as_a_broken_device():
+    q = Queue(shards=8)
+    results, dropped, given_up = q.drive(lambda w, s, n: "task" if w == "b" else "ok")
+    assert sorted(s for s, _ in results) == list(range(8)) and not given_up
+    assert dropped == ["b"] and "3 shards in a row failed on it" in q.queue.report.lost["b"]
+    assert {w for _, w in results} == {"a"}
+
+
+def test_a_lost_result_runs_again_and_keeps_the_worker():
+    q = Queue(shards=4)
+    results, dropped, given_up = q.drive(lambda w, s, n: "result" if s == 1 and n == 0 else "ok")
+    assert sorted(s for s, _ in results) == [0, 1, 2, 3] and not given_up and not dropped
+    assert [s for _, s in q.sent].count(1) == 2
+    assert any(line.startswith("shard 1: its result was lost on b (") for line in q.lines)
+
+
+def test_a_lost_device_loses_its_worker_and_its_shards_run_elsewhere():
+    q = Queue(shards=4)
+    results, dropped, given_up = q.drive(lambda w, s, n: "device" if w == "b" else "ok")
+    assert sorted(s for s, _ in results) == [0, 1, 2, 3] and not given_up
+    assert dropped == ["b"] and {w for _, w in results} == {"a"}
+    assert any(line.startswith("device b lost (device on b)") for line in q.lines)
+
+
+def test_out_of_memory_loses_the_worker_and_counts_against_the_shard():
+    q = Queue(workers=("a", "b", "c", "d"), shards=4)
+    results, dropped, given_up = q.drive(lambda w, s, n: "memory" if s == 0 else "ok")
+    # Shard 0 killed three workers, then was given up: the fourth is kept for the rest.
+    assert [w for w, s in q.sent if s == 0] == ["a", "b", "c"]
+    assert len(given_up) == 1 and given_up[0][0] == 0 and "out of memory" in given_up[0][1]
+    assert sorted(dropped) == ["a", "b", "c"] and sorted(s for s, _ in results) == [1, 2, 3]
+
+
+def test_every_worker_lost_leaves_no_token_and_names_each_cause():
+    q = Queue(shards=3)
+    q.queue.fill(0.0)  # a: 0, 2; b: 1
+    assert q.queue.failed(0, "device", "gone", 1.0).dropped == ["a"]
+    assert q.queue.tokens == [1]  # a's second shard went back with it
+    assert q.queue.failed(1, "device", "gone", 1.0).dropped == ["b"]
+    q.queue.fill(1.0)
+    assert not q.queue.done and q.queue.tokens == []
+    assert q.queue.all_lost() == "every device was lost (a: gone; b: gone)"
+
+
+def test_an_unknown_failure_kind_is_the_callers_bug():
+    q = Queue(shards=1)
+    q.queue.fill(0.0)
+    with pytest.raises(ValueError, match="unknown failure kind 'oops'"):
+        q.queue.failed(q.queue.tokens[0], "oops", "?", 1.0)
+
+
+def test_a_silent_worker_is_dropped_after_the_device_timeout_and_its_shards_go_back():
+    q = Queue(shards=4, device_timeout_s=5)
+    q.queue.fill(0.0)
+    assert q.queue.hung(4.0) == []
+    sent, _ = q.queue.succeeded(q.queue.tokens[0], 4.0)  # a's first shard: a answered
+    assert sent.worker == "a" and q.queue.hung(5.5) == ["b"]
+    assert q.queue.report.lost["b"] == "no result for 6 s while holding 2 shards (device timeout 5 s)"
+    q.now = 5.5
+    results, _, _ = q.drive(ok)
+    assert sorted(s for s, _ in results) == [1, 2, 3] and {w for w, _ in q.sent[4:]} == {"a"}
+
+
+def test_a_late_shard_is_copied_once_to_an_idle_worker_and_the_first_result_wins():
+    q = Queue(shards=3, straggler_factor=3, straggler_floor_s=1)
+    q.queue.fill(0.0)  # a: 0, 2; b: 1
+    for token in (0, 2):  # a finishes both in 1 s each
+        q.queue.succeeded(token, 1.0)
+    q.queue.copy_late(3.5)  # b's shard 1 is 3.5 s old, past max(1, 3 x 1 s)
+    assert q.sent[-1] == ("a", 1) and q.queue.report.copies == 1
+    q.queue.copy_late(9.0)
+    assert len(q.sent) == 4  # a shard is copied once
+    sent, unwanted = q.queue.succeeded(3, 4.0)  # the copy wins; the original is unwanted
+    assert sent.copy and sent.worker == "a" and unwanted == [1] and q.queue.done
+    assert q.queue.report.copies_won == Counter({"a": 1}) and q.queue.unwanted() == []
+
+
+def test_the_automatic_device_timeout():
+    assert device_timeout(DispatchPolicy(), []) == 300.0
+    assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0]) == 500.0  # sorted, as the queue keeps them
+    assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0, 70.0]) == 550.0
+    assert device_timeout(DispatchPolicy(device_timeout_s=7), [50.0]) == 7
+    assert device_timeout(DispatchPolicy(device_timeout_s=0), [50.0]) is None
+
+
+# ---------------------------------------------------------------- Ray's errors, classified
 
 
 def task_error(message: str) -> rex.RayTaskError:
     return rex.RayTaskError("run_shard", "Traceback ...", ValueError(message))
-
-
-def run_fake(plan, labels=("a", "b"), shards=6, **policy):
-    fake = FakeRay(plan)
-    pool = fake_pool(fake, list(labels))
-    results, failed, lines = [], [], []
-    report = dispatch(pool, [FakeShard(k) for k in range(shards)], results.append, lines.append,
-                      DispatchPolicy(poll_s=0.01, **policy), lambda s, why: failed.append((s.id, why)))
-    return fake, pool, report, results, failed, lines
-
-
-def test_first_fill_gives_every_worker_one_shard_before_any_gets_two():
-    fake, _, _, results, _, _ = run_fake(ok, labels=("a", "b", "c"), shards=6)
-    assert fake.sent[:3] == [("a", 0), ("b", 1), ("c", 2)]  # then a second each
-    assert fake.sent[3:6] == [("a", 3), ("b", 4), ("c", 5)]
-    assert sorted(r.shard_id for r in results) == list(range(6))
-
-
-def test_a_poisonous_shard_is_retried_elsewhere_then_skipped_and_no_worker_is_killed():
-    def plan(label, shard, n):
-        return task_error("cannot decode this one") if shard.id == 2 else Done(shard.id)
-
-    fake, pool, report, results, failed, lines = run_fake(plan, shards=6)
-    assert sorted(r.shard_id for r in results) == [0, 1, 3, 4, 5]
-    assert [label for label, s in fake.sent if s == 2] == ["a", "b", "a"]  # another worker each retry
-    assert failed == [(2, "cannot decode this one")] and report.failed[0][0].id == 2
-    assert fake.killed == [] and not report.lost and sorted(pool.actors) == ["a", "b"]
-    assert "shard 2 failed 3 times, last on a (cannot decode this one); its boxes are skipped" in lines
-
-
-def test_a_worker_that_fails_every_shard_is_dropped_as_a_broken_device():
-    def plan(label, shard, n):
-        return task_error("ACL error 507011") if label == "b" else Done(shard.id)
-
-    fake, pool, report, results, failed, _ = run_fake(plan, shards=8)
-    assert sorted(r.shard_id for r in results) == list(range(8)) and not failed
-    assert list(report.lost) == ["b"] and "3 shards in a row failed on it" in report.lost["b"]
-    assert fake.killed == ["b"] and {r.device for r in results} == {"a"}
 
 
 @pytest.mark.parametrize("error, kind", [
@@ -141,69 +198,6 @@ def test_a_worker_that_fails_every_shard_is_dropped_as_a_broken_device():
 ])
 def test_each_ray_error_is_classified(error, kind):
     assert classify(error) == kind
-
-
-@pytest.mark.parametrize("error", [rex.ObjectLostError("ab" * 14, None, ""),
-                                   rex.ObjectStoreFullError("object store is full")])
-def test_a_lost_result_runs_again_and_keeps_the_worker(error):
-    def plan(label, shard, n):
-        return error if shard.id == 1 and n == 0 else Done(shard.id)
-
-    fake, pool, report, results, failed, lines = run_fake(plan, shards=4)
-    assert sorted(r.shard_id for r in results) == [0, 1, 2, 3] and not failed
-    assert [s for _, s in fake.sent].count(1) == 2 and not report.lost and not fake.killed
-    assert any(line.startswith("shard 1: its result was lost on b (") for line in lines)
-
-
-def test_a_node_that_died_loses_its_worker_and_its_shard_runs_elsewhere():
-    def plan(label, shard, n):
-        return rex.NodeDiedError("node 1a2b died") if label == "b" and n == 0 else Done(shard.id)
-
-    fake, pool, report, results, failed, lines = run_fake(plan, shards=4)
-    assert sorted(r.shard_id for r in results) == [0, 1, 2, 3] and not failed
-    assert list(report.lost) == ["b"] and fake.killed == ["b"] and {r.device for r in results} == {"a"}
-    assert any(line.startswith("device b lost (node 1a2b died)") for line in lines)
-
-
-def test_out_of_memory_loses_the_worker_and_counts_against_the_shard():
-    def plan(label, shard, n):
-        return rex.OutOfMemoryError("killed: low memory") if shard.id == 0 else Done(shard.id)
-
-    fake, pool, report, results, failed, _ = run_fake(plan, labels=("a", "b", "c", "d"), shards=4)
-    # Shard 0 killed three workers, then was given up: the fourth is kept for the rest.
-    assert [label for label, s in fake.sent if s == 0] == ["a", "b", "c"]
-    assert len(failed) == 1 and failed[0][0] == 0 and "out of memory" in failed[0][1]
-    assert sorted(report.lost) == ["a", "b", "c"] and sorted(r.shard_id for r in results) == [1, 2, 3]
-
-
-def test_every_worker_lost_raises_with_each_cause():
-    with pytest.raises(AllDevicesLost, match=r"^every device was lost \(a: .*; b: .*\)$"):
-        run_fake(lambda label, shard, n: rex.ActorDiedError(), shards=3)
-
-
-def test_stop_ends_the_dispatch_between_two_calls():
-    import threading
-
-    stop = threading.Event()
-    results = []
-
-    def on_result(r):
-        results.append(r)
-        stop.set()  # as the Ctrl-C handler does
-
-    fake = FakeRay(ok)
-    with pytest.raises(Stopped):
-        dispatch(fake_pool(fake, ["a"]), [FakeShard(k) for k in range(5)], on_result, print,
-                 DispatchPolicy(poll_s=0.01), stop=stop)
-    assert [r.shard_id for r in results] == [0]
-
-
-def test_the_automatic_device_timeout():
-    assert device_timeout(DispatchPolicy(), []) == 300.0
-    assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0]) == 500.0  # sorted, as dispatch keeps them
-    assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0, 70.0]) == 550.0
-    assert device_timeout(DispatchPolicy(device_timeout_s=7), [50.0]) == 7
-    assert device_timeout(DispatchPolicy(device_timeout_s=0), [50.0]) is None
 
 
 # ---------------------------------------------------------------- real actors: hung and slow
@@ -240,7 +234,7 @@ def test_a_worker_that_stops_answering_is_declared_lost_and_its_shards_run_elsew
     pool = real_pool({"b": {"default": 3600}})
     results, lines = [], []
     started = time.monotonic()
-    report = dispatch(pool, [FakeShard(k) for k in range(6)], results.append, lines.append,
+    report = run_shards(pool, [FakeShard(k) for k in range(6)], results.append, lines.append,
                       DispatchPolicy(device_timeout_s=1.5, straggler_factor=0, poll_s=0.05))
     assert time.monotonic() - started < 20
     assert sorted(r.shard_id for r in results) == list(range(6)) and {r.ran_on for r in results} == {"a"}
@@ -253,7 +247,7 @@ def test_a_late_shard_is_copied_to_the_idle_worker_and_the_first_result_wins(loc
     pool = real_pool({"b": {1: 8.0}})  # b's first shard is late; the rest take 0.05 s
     results, lines = [], []
     started = time.monotonic()
-    report = dispatch(pool, [FakeShard(k) for k in range(6)], results.append, lines.append,
+    report = run_shards(pool, [FakeShard(k) for k in range(6)], results.append, lines.append,
                       DispatchPolicy(device_timeout_s=0, straggler_factor=3, straggler_floor_s=0.5, poll_s=0.05))
     assert time.monotonic() - started < 6  # the copy, not the 8 s original, finished the run
     assert sorted(r.shard_id for r in results) == list(range(6))  # each once
@@ -261,3 +255,73 @@ def test_a_late_shard_is_copied_to_the_idle_worker_and_the_first_result_wins(loc
     assert late[0].ran_on == "a" and late[0].device == "a"
     assert report.copies == 1 and report.copies_won == Counter({"a": 1}) and not report.lost
     assert any(line.startswith("shard 1 on b for ") and line.endswith("a copy runs on a") for line in lines)
+
+
+class DyingWorker:
+    """Its process exits on its first shard: Ray reports the actor dead."""
+
+    def run_shard(self, shard) -> Done:
+        import os
+
+        os._exit(1)
+
+
+def test_every_worker_lost_raises_with_each_cause(local_ray):
+    pool = ActorPool(Session(ray, [], 1.0, existing=True), DyingWorker, "sim", 1)
+    remote = ray.remote(max_concurrency=2, max_restarts=0, num_cpus=0)(DyingWorker)
+    pool.actors = {label: remote.remote() for label in ("a", "b")}
+    with pytest.raises(AllDevicesLost, match=r"^every device was lost \(a: .*; b: .*\)$"):
+        run_shards(pool, [FakeShard(k) for k in range(3)], print, print, DispatchPolicy(poll_s=0.05))
+    assert sorted(pool.lost) == ["a", "b"]
+
+
+def test_stop_ends_the_dispatch_between_two_calls(local_ray):
+    import threading
+
+    stop = threading.Event()
+    results = []
+
+    def on_result(r):
+        results.append(r)
+        stop.set()  # as the Ctrl-C handler does
+
+    with pytest.raises(Stopped):
+        run_shards(real_pool({}), [FakeShard(k) for k in range(6)], on_result, print, DispatchPolicy(poll_s=0.05),
+                   stop=stop)
+    assert len(results) == 1
+
+
+def test_an_error_of_the_drivers_own_code_stops_the_run_and_kills_no_worker(local_ray):
+    pool = real_pool({})
+
+    def on_result(r):
+        raise KeyError("a bug in the driver")
+
+    with pytest.raises(KeyError, match="a bug in the driver"):
+        run_shards(pool, [FakeShard(k) for k in range(4)], on_result, print, DispatchPolicy(poll_s=0.05))
+    assert sorted(pool.actors) == ["a", "b"] and not pool.lost and not pool.killed
+
+
+class Closing:
+    """A worker whose close() returns at once, or hangs when told to."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    def close(self) -> None:
+        time.sleep(3600 if self.hang else 0)
+
+
+def test_close_lets_workers_that_answer_exit_and_kills_only_the_hung_one(local_ray):
+    lines = []
+    pool = ActorPool(Session(ray, [], 1.0, existing=True), Closing, "sim", 1, log=lines.append)
+    remote = ray.remote(max_concurrency=2, max_restarts=0, num_cpus=0)(Closing)
+    pool.actors = {"a": remote.remote(False), "b": remote.remote(True)}
+    handles = dict(pool.actors)
+    started = time.monotonic()
+    pool.close(timeout_s=2.0)
+    assert time.monotonic() - started < 15 and pool.killed == ["b"] and not pool.actors
+    assert lines == ["device b: its session did not close within 2 s; killed"]
+    for handle in handles.values():  # both are gone: a by its own exit, b killed
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.close.remote(), timeout=30)

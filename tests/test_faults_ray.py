@@ -36,7 +36,7 @@ def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
 
     def target() -> None:
         try:
-            ended["outcome"] = run(cfg)
+            (ended["outcome"],) = run(cfg)
         except Exception as e:  # handed to the test thread
             ended["error"] = e
 
@@ -102,7 +102,7 @@ def test_every_worker_lost_keeps_finished_shards_then_resume(tmp_path, data, two
     kept = shards_landed(out)
     assert kept >= 1 and not (out / "keypoints.json").exists()
 
-    outcome = run(config(data["coco"], data["ckpt"], data["models"], out, devices="all", resume=True))
+    (outcome,) = run(config(data["coco"], data["ckpt"], data["models"], out, devices="all", resume=True))
     tp = check_exactly_once(out, data)
     assert 0 < tp["totals"]["resumed_boxes"] < len(data["box_ids"]) and not outcome.lost_devices
 

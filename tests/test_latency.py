@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from cluster.actor import HOST_STAGES, PREP_STAGES, SHARD_STAGES, Shard, ShardResult, Worker, WorkerConfig
-from cluster.pool import IN_FLIGHT_PER_ACTOR
+from cluster.queue import IN_FLIGHT_PER_WORKER
+from cluster.worker import WorkerPlace
 from cluster.reducer import LABELS, call_ms, format_throughput, throughput
 from conftest import REPO
 from runner.journal import Journal
@@ -37,11 +38,12 @@ def shards(synthetic_coco) -> list[Shard]:
 @pytest.fixture(scope="module")
 def sim_run(shards) -> tuple[list[ShardResult], dict]:
     """Two shards run at once on one sim worker; their results and the reducer's throughput."""
-    worker = Worker(WorkerConfig("sim", "", "cpu", "sim:0", "cpu", BS, 1, prep_threads=PREP, sim_rate=RATE))
+    place = WorkerPlace(backend="sim", compute_device="cpu", label="sim:0", kind="cpu", threads=1)
+    worker = Worker(WorkerConfig(place=place, model_path="", batch_size=BS, prep_threads=PREP, sim_rate=RATE))
     results: list[ShardResult] = [None, None]
     try:
         threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, worker.run_shard(shards[k])))
-                   for k in range(IN_FLIGHT_PER_ACTOR)]
+                   for k in range(IN_FLIGHT_PER_WORKER)]
         t0 = time.time()
         for t in threads:
             t.start()
@@ -82,7 +84,7 @@ def test_call_ms_percentiles_are_numpys_linear_ones():
 
 
 def test_host_stages_fit_the_worker_threads(sim_run):
-    """Prep stages run on the PREP prep threads only; shard stages on the IN_FLIGHT_PER_ACTOR
+    """Prep stages run on the PREP prep threads only; shard stages on the IN_FLIGHT_PER_WORKER
     threads running run_shard only; every timed interval lies inside some shard's
     [started, finished], so each thread logs at most the device's wall time."""
     results, tp = sim_run
@@ -92,8 +94,8 @@ def test_host_stages_fit_the_worker_threads(sim_run):
     assert all(f"host_seconds.{s}" in LABELS for s in HOST_STAGES)
     wall = row["wall_seconds"]
     assert sum(stages[s] for s in PREP_STAGES) <= wall * PREP
-    assert sum(stages[s] for s in SHARD_STAGES) <= wall * IN_FLIGHT_PER_ACTOR
-    assert sum(stages.values()) <= wall * (PREP + IN_FLIGHT_PER_ACTOR)
+    assert sum(stages[s] for s in SHARD_STAGES) <= wall * IN_FLIGHT_PER_WORKER
+    assert sum(stages.values()) <= wall * (PREP + IN_FLIGHT_PER_WORKER)
     # the device is 8 x 40 ms = 0.32 s of the run: the shard threads wait on it for at least
     # the device time neither of them overlapped with their own merge and decode
     device = row["device_seconds"]
@@ -159,6 +161,6 @@ def test_cli_run_writes_call_ms_and_host_seconds(tmp_path):
     assert row["call_ms"]["n"] == 8
     assert row["call_ms"]["p50"] == pytest.approx(4.0, rel=0.05)  # 4 crops at 1000 crops/s
     assert row["call_ms"]["p99"] == pytest.approx(4.0, rel=0.05)
-    assert sum(row["host_seconds"].values()) <= row["wall_seconds"] * (1 + IN_FLIGHT_PER_ACTOR)
+    assert sum(row["host_seconds"].values()) <= row["wall_seconds"] * (1 + IN_FLIGHT_PER_WORKER)
     assert f"host time is dominated by {row['host_dominant']}" in proc.stdout
     assert f"{row['call_ms']['p50']:>8.2f}" in proc.stdout

@@ -88,7 +88,7 @@ def test_the_command_and_a_failed_run_load_without_torch(tmp_path):
     import sys
 
     probe = ("import sys, runpy\n"
-             "import runner.driver, runner.sweep, runner.bench, cluster.actor\n"
+             "import runner.driver, runner.bench, cluster.actor\n"
              "assert 'torch' not in sys.modules, 'imported torch'\n"
              "sys.argv = ['runner', '--dataroot', sys.argv[1], '--dets', 'd.json']\n"
              "try:\n"

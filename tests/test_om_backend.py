@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from tasks.backends import BackendUnavailable, open_backend
-from tasks.backends.om import PATH_DEPTH_MAX, OmBackend, OmModelError, execution_ms
+from tasks.backends.om import OmBackend, execution_ms
+from tasks.backends.sessions import PATH_DEPTH_MAX, OmModelError
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 B = 4  # the static OM's batch
@@ -437,9 +438,11 @@ def test_without_ais_bench_one_line_says_what_to_install(oms, monkeypatch):
 
 def _worker(backend: str, model: Path, bs: int, **config):
     from cluster.actor import Worker, WorkerConfig
+    from cluster.worker import WorkerPlace
 
     device, kind = ("npu:0", "npu") if backend == "om" else ("cpu", "cpu")
-    return Worker(WorkerConfig(backend, str(model), device, device, kind, bs, 1, **config))
+    place = WorkerPlace(backend=backend, compute_device=device, label=device, kind=kind, threads=1)
+    return Worker(WorkerConfig(place=place, model_path=str(model), batch_size=bs, **config))
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +488,7 @@ def test_a_failed_reopen_leaves_no_model_loaded_and_the_error_raised(api, oms, s
         with pytest.raises(OmModelError, match=f"--bs {B} but OM .*b8.om was built for batch 8"):
             worker.set_batch(str(oms["b8"]), B)
         assert aclruntime.loaded_models() == 0  # the old session closed first, the refused one unloaded
-        assert worker.backend is None and worker.config.model_path == str(oms["static"])
+        assert worker.session is None and worker.config.model_path == str(oms["static"])
         with pytest.raises(RuntimeError, match="no open session: the last set_batch failed to open its model"):
             worker.run_shard(shard)
         worker.set_batch(str(oms["static"]), B)  # a later set_batch opens again

@@ -52,11 +52,19 @@ def onnxruntime_run(tmp_path_factory, exported) -> dict:
 
 @pytest.mark.parametrize("api", ["new", "ait", "old"])
 def test_om_on_two_fake_npus_equals_onnxruntime_on_cpu(onnxruntime_run, tmp_path, api):
+    freed = tmp_path / "freed"
+    freed.mkdir()
     npu_env = dict(fake_npu_env(cli_env(), tmp_path, api=api), FAKE_ACL_EXEC_MS=str(EXEC_MS),
-                   FAKE_ATC_LOG=str(onnxruntime_run["atc_log"]))
+                   FAKE_ATC_LOG=str(onnxruntime_run["atc_log"]), FAKE_ACL_FREE_DIR=str(freed))
     out = tmp_path / "om"
     run_cli([*RUNNER, *onnxruntime_run["common"], "--devices", "0,1", "--backend", "om", "--out", str(out)],
             npu_env, tmp_path)
+    # Each worker's close() ran at the end and unloaded its model (free_resource where the build has it,
+    # else the session's destruction): a killed worker would have left no record.
+    workers = json.loads((out / "devices.json").read_text())
+    records = [json.loads(p.read_text()) for p in freed.iterdir()]
+    assert sorted(r["pid"] for r in records) == sorted(d["pid"] for d in workers)
+    assert {r["how"] for r in records} == {"free_resource" if api == "new" else "destroyed"}
 
     om = json.loads((out / "keypoints.json").read_text())
     assert len(om) == 18 and om == onnxruntime_run["keypoints"]
@@ -135,4 +143,4 @@ def test_dynamic_batch_sweep_converts_once_selects_each_gear_and_equals_static(t
         static = json.loads((logs["static"] / "out" / f"bs{bs}" / "keypoints.json").read_text())
         assert len(dynamic) == 10 and dynamic == static
         run = json.loads((logs["dynamic"] / "out" / f"bs{bs}" / "run.json").read_text())
-        assert run["config"]["om_batch"] == "dynamic" and run["config"]["om_gears"] == list(SWEEP)
+        assert run["config"]["om_batch"] == "dynamic" and run["plan"]["om_gears"] == list(SWEEP)

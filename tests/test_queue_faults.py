@@ -131,7 +131,7 @@ def test_losing_the_node_of_one_worker_completes_on_the_other(tmp_path, data, si
         cluster.shutdown()
     assert "outcome" in ended
     tp = check_each_shard_once(out, data, sim_expected)
-    assert tp["lost_devices"] == [victim["device"]] == ended["outcome"].lost_devices
+    assert tp["lost_devices"] == [victim["device"]] == ended["outcome"][0].lost_devices
     assert [d["node"] for d in tp["devices"] if not d["lost"]] != [victim["node"]]
 
 
@@ -155,7 +155,6 @@ def test_a_killed_driver_resumes_to_identical_keypoints(tmp_path, data):
 
 
 def test_a_worker_dead_between_batch_sizes_is_dropped_and_the_sweep_goes_on(tmp_path, data):
-    from runner.sweep import run_sweep
 
     ray.init(num_cpus=2, resources={"NPU": 2}, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     out = tmp_path / "out"
@@ -169,7 +168,7 @@ def test_a_worker_dead_between_batch_sizes_is_dropped_and_the_sweep_goes_on(tmp_
             killed.append(victim["device"])
 
     try:
-        run_sweep(config(data["coco"], data["ckpt"], data["models"], out, devices="all", backend="sim",
+        run(config(data["coco"], data["ckpt"], data["models"], out, devices="all", backend="sim",
                          bs=(1, 2), quiet=False), log=log)
     finally:
         ray.shutdown()
@@ -236,14 +235,14 @@ class TestOnOneRay:
         out = tmp_path / "out"
         run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2"))
         before = {name: (out / name).read_bytes() for name in ("throughput.json", "run.json", "keypoints.json")}
-        outcome = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
-                             resume=True))
+        (outcome,) = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
+                                resume=True))
         assert {name: (out / name).read_bytes() for name in before} == before
         assert outcome.throughput["totals"]["boxes"] == 18 and len(outcome.throughput["devices"]) == 2
         # Without its throughput.json (a crash after the last shard), the figures come from the journal.
         (out / "throughput.json").unlink()
-        outcome = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
-                             resume=True))
+        (outcome,) = run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", devices="cpu:2",
+                                resume=True))
         old = json.loads(before["throughput.json"])
         new = outcome.throughput
         assert new["totals"]["rebuilt_from_journal"] and new["totals"]["boxes"] == 18
@@ -261,10 +260,10 @@ class TestOnOneRay:
         whole = image.read_bytes()
         image.write_bytes(whole[: len(whole) // 2])  # truncated: its boxes are skipped
         out = tmp_path / "out"
-        first = run(config(coco, data["ckpt"], data["models"], out, backend="sim"))
+        (first,) = run(config(coco, data["ckpt"], data["models"], out, backend="sim"))
         assert first.metrics["skipped"] > 0 and not first.metrics["complete"]
         image.write_bytes(whole)  # the file is back
-        second = run(config(coco, data["ckpt"], data["models"], out, backend="sim", resume=True))
+        (second,) = run(config(coco, data["ckpt"], data["models"], out, backend="sim", resume=True))
         assert second.metrics["skipped"] == 0 and second.metrics["complete"]
         assert second.metrics["results_before_nms"] == 18
 
@@ -291,10 +290,9 @@ class TestOnOneRay:
                        boxes="gt", resume=True))
 
     def test_a_sweep_dumps_each_batch_size_into_its_own_directory(self, tmp_path, data):
-        from runner.sweep import run_sweep
-
+    
         out = tmp_path / "out"
-        run_sweep(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", bs=(1, 2), dump_heatmaps=True))
+        run(config(data["coco"], data["ckpt"], data["models"], out, backend="sim", bs=(1, 2), dump_heatmaps=True))
         for bs in (1, 2):
             dumps = sorted((out / f"bs{bs}" / "heatmaps").glob("shard-*.npz"))
             ids = np.concatenate([np.load(p)["box_ids"] for p in dumps])

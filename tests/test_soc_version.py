@@ -12,7 +12,7 @@ from runner.config import ConfigError, load_config
 from cluster.devices import with_soc
 from cluster.session import cluster_devices
 from runner.errors import RunError
-from runner.inputs import soc_version
+from runner.plan import soc_version
 
 
 def test_cluster_without_accelerator_type_needs_the_flag():
@@ -43,8 +43,8 @@ def test_two_chip_types_in_one_run_are_named():
 def test_config_refuses_what_atc_would_not_take(value):
     with pytest.raises(ConfigError, match=r"^soc_version: .* is not an ATC soc_version such as Ascend310P3"):
         load_config(None, {"soc_version": value})
-    assert load_config(None, {"soc_version": "Ascend910_9392"}).soc_version == "Ascend910_9392"
-    assert load_config().soc_version is None
+    assert load_config(None, {"soc_version": "Ascend910_9392"}).cluster.soc_version == "Ascend910_9392"
+    assert load_config().cluster.soc_version is None
 
 
 def test_bad_flag_is_one_line(tmp_path):

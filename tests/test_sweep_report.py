@@ -168,7 +168,7 @@ def test_plot_is_log2_from_zero_with_every_device_and_the_knee():
 
 def test_run_json_describes_the_run(sweep):
     run = read(sweep["out"] / "bs4" / "run.json")
-    assert run["bs"] == 4 and run["config"]["bs"] == [4] and run["backend"] == "onnxruntime"
+    assert run["bs"] == 4 and run["config"]["bs"] == list(SIZES) and run["backend"] == "onnxruntime"  # the command's
     assert {"python", "runner", "torch", "onnxruntime", "ray", "numpy", "opencv"} <= set(run["versions"])
     assert run["weights_sha256"] == file_sha256(sweep["ckpt"])
     assert run["box_source_sha256"] == file_sha256(sweep["dets"]) and run["boxes"] == sweep["crops"] // 2
@@ -274,8 +274,8 @@ def test_report_compares_keypoints_box_by_box(tmp_path):
 def test_om_batch_is_static_by_default_and_dynamic_needs_two_sizes():
     from runner.config import ConfigError, load_config
 
-    assert load_config().om_batch == "static" and load_config().om_gears == ()
-    assert load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "1,4,8"}).om_batch == "dynamic"
+    assert load_config().model.om_batch == "static"
+    assert load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "1,4,8"}).model.om_batch == "dynamic"
     with pytest.raises(ConfigError, match="om_batch dynamic with bs 4: ATC builds a dynamic-batch OM for 2 to 100"):
         load_config(None, {"om_batch": "dynamic", "backend": "om", "bs": "4"})
     with pytest.raises(ConfigError, match="om_batch dynamic with bs 1,2,.*,101: ATC builds"):  # auto may mean om

@@ -150,7 +150,7 @@ def test_cli_variants_same_keypoints_and_bytes_in_throughput(tmp_path, synthetic
     assert tp_default["bytes_to_device_per_box"] == 294912 and tp_default["bytes_from_device_per_box"] == 417792
     assert tp_fast["bytes_to_device_per_box"] == 147456 and tp_fast["bytes_from_device_per_box"] == 208896
     assert tp_fast["crops"] == tp_plain["crops"] == 2 * tp_plain["boxes"]
-    settled = {name: json.loads((tmp_path / name / "run.json").read_text())["config"]["uint8_input"]
+    settled = {name: json.loads((tmp_path / name / "run.json").read_text())["plan"]["uint8_input"]
                for name in ("plain", "default", "fast")}
     assert settled == {"plain": False, "default": True, "fast": True}
 
@@ -163,20 +163,19 @@ def test_cli_variants_same_keypoints_and_bytes_in_throughput(tmp_path, synthetic
 ])
 def test_uint8_input_auto_is_on_where_it_is_exact_on_the_host(backend, devices, asked, settled):
     from cluster.devices import Device
-    from runner.inputs import settle_uint8_input, variant_of
+    from runner.plan import settle
 
     kind, _, count = devices.partition(":")
-    cfg = load_config(None, {"uint8_input": asked})
-    assert cfg.uint8_input is asked  # the default YAML says auto
-    got = settle_uint8_input(cfg, backend, [Device(kind, i, kind) for i in range(int(count or 1))])
-    assert got.uint8_input is settled and variant_of(got).uint8_input is settled
-    with pytest.raises(ValueError, match="settle_uint8_input first"):
-        variant_of(load_config())  # the default, auto, unsettled
+    cfg = load_config(None, {"uint8_input": asked, "backend": backend})
+    assert cfg.model.uint8_input is asked  # the default YAML says auto
+    devices = [Device(kind, i, kind, soc="Ascend310P3" if kind == "npu" else None) for i in range(int(count or 1))]
+    plan = settle(cfg, devices)
+    assert plan.variant.uint8_input is settled and plan.backend == backend
 
 
 def test_uint8_input_config_values():
-    assert load_config(None, {"uint8_input": "auto"}).uint8_input is None
-    assert load_config(None, {"uint8_input": True}).uint8_input is True
+    assert load_config(None, {"uint8_input": "auto"}).model.uint8_input is None
+    assert load_config(None, {"uint8_input": True}).model.uint8_input is True
     with pytest.raises(ConfigError, match="uint8_input: 'yes' is not true, false or auto"):
         load_config(None, {"uint8_input": "yes"})
 

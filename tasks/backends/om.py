@@ -1,4 +1,4 @@
-"""OM backend: an ATC-converted FastPose on one Ascend NPU through ais_bench (spec ascend.md §1.10).
+"""OM backend: an ATC-converted FastPose on one Ascend NPU through ais_bench (docs/ascend.md).
 
 A static OM has its batch baked in: the short last batch is padded by repeating its
 last crop and the padded rows are dropped. A dynamic-batch OM runs every call of a
@@ -22,75 +22,17 @@ one thread (``cluster.actor.Worker`` does).
 from __future__ import annotations
 
 import json
-import os
-import re
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
-from tasks.cann import SET_ENV
+from tasks.backends.sessions import OmModelError, om_session
 from tasks.deploy import Variant
 from tasks.spec import FASTPOSE
 
-#: CANN's environment script in its two install layouts: ascend-toolkit/ (before CANN 8.5), cann/ (8.5 on).
-#: What an error line tells the user to source.
-OM_MAX_BYTES = 10 * 1024 ** 3
-#: aclruntime (2024-08 on) refuses a model path with more '/' than this (File::IsPathDepthValid).
-PATH_DEPTH_MAX = 32
 OUTPUT_CHW = (FASTPOSE.num_joints, *FASTPOSE.heatmap_hw)
-# ais_bench refuses model paths with other characters (path_security_check.py).
-_PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
-
-
-class OmModelError(BackendUnavailable):
-    """The OM file cannot be opened as it is (ais_bench's file rules, its batch or shape); one line."""
-
-
-def check_model_file(path: Path) -> None:
-    """Raise OmModelError if ais_bench (2024-08 onward) would refuse ``path`` (spec §1.2).
-
-    ais_bench raises a bare ``ValueError`` (its Python checks) or ``RuntimeError``
-    (aclruntime's) that points to its log; this names the file, the rule and the fix.
-    """
-    full = Path(os.path.abspath(path))
-    if not full.is_file():
-        raise OmModelError(f"OM model {full} not found (or not a file)")
-    if full.suffix != ".om":
-        raise OmModelError(f"OM model {full}: ais_bench loads only files ending in .om")
-    if full.is_symlink():
-        raise OmModelError(f"OM model {full} is a symlink, which ais_bench refuses: use the file itself "
-                           f"({os.path.realpath(full)}) or copy it")
-    if _PATH_CHARS.search(str(full)):
-        raise OmModelError(f"OM model path {full} has characters ais_bench refuses (it allows A-Z a-z 0-9 _ - . /): "
-                           "move it, e.g. with --models-dir")
-    depth = str(full).count("/")
-    if depth > PATH_DEPTH_MAX:
-        raise OmModelError(f"OM model path {full} has {depth} '/' separators; aclruntime refuses more than "
-                           f"{PATH_DEPTH_MAX} (PATH_DEPTH_MAX): move it higher up, e.g. with --models-dir")
-    st = full.stat()
-    if st.st_uid != os.geteuid() and st.st_gid not in os.getgroups():
-        raise OmModelError(f"OM model {full} belongs to uid {st.st_uid} gid {st.st_gid}, neither this user nor "
-                           "one of its groups; ais_bench refuses it: copy it (cp) or chown it to this user")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OmModelError(f"OM model {full} has mode {mode:#o}; ais_bench refuses group/other-writable files "
-                           f"(at most 0o755): chmod 644 {full}")
-    if not mode & stat.S_IRUSR or not os.access(full, os.R_OK):
-        raise OmModelError(f"OM model {full} is not readable by this user (mode {mode:#o}): chmod 644 {full}")
-    if st.st_size > OM_MAX_BYTES:
-        raise OmModelError(f"OM model {full} is {st.st_size} bytes; ais_bench loads at most 10 GB")
-
-
-def npu_index(device: str) -> int:
-    """'npu:3' -> 3, 'npu' -> 0: the ACL user id this process opens (a Python int)."""
-    kind, _, index = device.partition(":")
-    if kind != "npu" or (index and not index.isdigit()):
-        raise BackendUnavailable(f"om backend runs on NPUs ('npu:N'), got device {device!r}: "
-                                 "use --devices 0,1 (NPU ids) with --backend om")
-    return int(index or 0)
 
 
 class OmBackend:
@@ -99,23 +41,8 @@ class OmBackend:
     def __init__(self, model_path: str, device: str, batch_size: int, threads: int,
                  variant: Variant = Variant(), *, gears: Sequence[int] | None = None) -> None:
         """``gears``: those of a dynamic-batch OM, when it has no sidecar ``.json``."""
-        try:
-            from ais_bench.infer.interface import InferSession
-        except ImportError as e:
-            raise BackendUnavailable(
-                f"om backend: cannot import ais_bench ({e}): install the ais_bench and aclruntime wheels "
-                f"(not on PyPI; see docs/ascend.md) and source {SET_ENV}") from None
-        path = Path(model_path)
-        check_model_file(path)
-        device_id = npu_index(device)
-        try:
-            self.session = InferSession(device_id, str(path))
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise BackendUnavailable(
-                f"om backend: InferSession({device_id}, {path}) failed: {e}; see the [ERROR] lines above: "
-                "`npu-smi info` for a busy or unhealthy device, and the soc_version the OM was built for "
-                f"(its .json) against this chip") from e
-        self.path = path
+        self.session = om_session(model_path, device)
+        self.path = Path(model_path)
         self._batch_size = batch_size
         self.gear: int | None = None  # the batch every call runs at, for a dynamic-batch OM
         self.variant = variant
@@ -142,7 +69,7 @@ class OmBackend:
         if len(inputs) != 1 or len(outputs) != 1:
             raise OmModelError(f"OM {name} has {len(inputs)} inputs and {len(outputs)} outputs; FastPose has 1 and 1")
         (inp,), (out,) = inputs, outputs
-        kind = str(inp.datatype).rpartition(".")[2]  # 'dtype.float32': match by name (spec §1.3)
+        kind = str(inp.datatype).rpartition(".")[2]  # 'dtype.float32': match by name (docs/ascend.md)
         shape = list(inp.shape)
         if kind != self._dtype.name or len(shape) != 4 or tuple(shape[1:]) != self._item:
             raise OmModelError(f"OM {name} takes {kind} {shape}; this run sends {self._dtype.name} "
@@ -220,7 +147,7 @@ class OmBackend:
 
         Builds without ``free_resource`` unload when the session object is destroyed,
         so nothing here may keep a reference to it. ``finalize()`` is process-wide
-        (spec §1.8): left to whoever owns the process.
+        (docs/ascend.md): left to whoever owns the process.
         """
         session, self.session = getattr(self, "session", None), None
         if session is not None and hasattr(session, "free_resource"):

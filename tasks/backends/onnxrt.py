@@ -6,31 +6,14 @@ import time
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
+from tasks.backends.sessions import onnxruntime_session
 from tasks.deploy import Variant
 
 
 class OnnxRuntimeBackend:
     def __init__(self, model_path: str, device: str, batch_size: int, threads: int,
                  variant: Variant = Variant()) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise BackendUnavailable(f"onnxruntime backend: {e}; pip install onnxruntime") from None
-        opts = ort.SessionOptions()
-        # ONNX Runtime ignores OMP_NUM_THREADS: without this it takes every core of
-        # the host and oversubscribes when several workers share it.
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendUnavailable("onnxruntime backend: no CUDA provider in this onnxruntime "
-                                         "(pip install onnxruntime-gpu, or use --devices cpu)")
-            index = int(device.split(":")[1]) if ":" in device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(model_path, opts, providers=providers)
+        self.session = onnxruntime_session(model_path, device, threads)
         inp = self.session.get_inputs()[0]
         check_input(model_path, inp.type, inp.shape, variant)
         self.input_name = inp.name

@@ -1,6 +1,7 @@
 """Person detector stage: AlphaPose's YOLOv3-SPP, numerically as upstream.
 
-Spec: ``shared/spec/detector-yolov3spp.md``. Reading order:
+What each step computes, to the bit: docs/numerics.md (#letterbox, #detector-network,
+#detector-decode, #detector-nms, #detector-records). Reading order:
 
 - ``darknet_cfg.py``     ``.cfg`` text -> ``DarknetCfg`` (dataclass blocks)
 - ``darknet_weights.py`` ``.weights`` header + float32 body -> the model's tensors
@@ -18,18 +19,20 @@ a shard of images, ``runner/detect.py`` drives the shards (no Ray in ``tasks/``)
 Vocabulary: a *row* is one decoded candidate ``(xc, yc, w, h, obj, p_0..p_79)``; a *box*
 is ``(x1, y1, x2, y2, obj)``; a *record* is a COCO result dict with a ``[x, y, w, h]`` bbox.
 """
+from tasks.dataset import ImageError
+
 from .darknet_cfg import CfgError, DarknetCfg, parse_darknet_cfg
 from .darknet_weights import WeightsError
-from .detect import coco_image_list, detect_image, write_detections
+from .detect import coco_image_list, detect_image, image_records, write_detections
 from .onnx_runtime import export_darknet_onnx, onnxruntime_net_fn
-from .preprocess import ImageError
+from .preprocess import letterbox_bgr_to_rgb_input
 from .runtime import Detector, open_detector, prepare_detector_model
 from .spec import YOLOV3_SPP, DetectorSpec
 from .yolo import Darknet, NetFn, build_darknet, torch_net_fn
 
 __all__ = [
     "CfgError", "Darknet", "DarknetCfg", "Detector", "DetectorSpec", "ImageError", "NetFn", "WeightsError",
-    "YOLOV3_SPP", "build_darknet", "coco_image_list", "detect_image", "export_darknet_onnx",
-    "onnxruntime_net_fn", "open_detector", "parse_darknet_cfg", "prepare_detector_model", "torch_net_fn",
+    "YOLOV3_SPP", "build_darknet", "coco_image_list", "detect_image", "export_darknet_onnx", "image_records",
+    "letterbox_bgr_to_rgb_input", "onnxruntime_net_fn", "open_detector", "parse_darknet_cfg", "prepare_detector_model", "torch_net_fn",
     "write_detections",
 ]

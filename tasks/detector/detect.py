@@ -1,4 +1,5 @@
-"""One image -> its person detection records; records -> the detection file (spec §1, §8).
+"""One image -> its person detection records; records -> the detection file
+(docs/numerics.md#detector-records).
 
 ``net_fn`` is the only backend-specific part: it maps the letterboxed input to the raw
 head maps (PyTorch: ``yolo.torch_net_fn``, ONNX Runtime: ``onnx_runtime.onnxruntime_net_fn``).
@@ -10,9 +11,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from tasks.dataset import read_bgr
+
 from .darknet_cfg import Yolo
 from .postprocess import coco_person_records, letterbox_xyxy_to_image, person_boxes_letterbox
-from .preprocess import letterbox_bgr_to_rgb_input, read_image_bgr
+from .preprocess import letterbox_bgr_to_rgb_input
 from .spec import YOLOV3_SPP, DetectorSpec
 from .yolo import NetFn, decode_yolo_heads
 
@@ -22,12 +25,20 @@ def detect_image(net_fn: NetFn, image_path: str | Path, image_id: int, heads: Se
     """``[{category_id: 1, score, bbox: [x, y, w, h], image_id}, ...]``, obj descending.
 
     ``heads`` are the cfg's ``[yolo]`` layers (``DarknetCfg.yolo_heads``). Upstream takes
-    ``image_id`` from the file name stem; for COCO that is the annotation's id.
+    ``image_id`` from the file name stem; for COCO that is the annotation's id. The
+    worker runs the same three steps, the network on its device thread.
     """
-    bgr = read_image_bgr(image_path)
-    pred = decode_yolo_heads(net_fn(letterbox_bgr_to_rgb_input(bgr, spec.inp)), heads, spec.inp)
+    bgr = read_bgr(str(image_path))
+    raw = net_fn(letterbox_bgr_to_rgb_input(bgr, spec.inp))
+    return image_records(raw, heads, image_id, bgr.shape[:2], spec)
+
+
+def image_records(raw: Sequence, heads: Sequence[Yolo], image_id: int, image_hw: tuple[int, int],
+                  spec: DetectorSpec = YOLOV3_SPP) -> list[dict]:
+    """The network's raw head maps of one image -> its person records in image pixels."""
+    pred = decode_yolo_heads(raw, heads, spec.inp)
     boxes = person_boxes_letterbox(pred[0].numpy(), spec)
-    height, width = bgr.shape[:2]
+    height, width = image_hw
     return coco_person_records(letterbox_xyxy_to_image(boxes, width, height, spec.inp), image_id)
 
 

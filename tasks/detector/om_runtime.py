@@ -14,33 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.backends.base import BackendUnavailable
-from tasks.backends.om import SET_ENV, OmModelError, check_model_file, npu_index
+from tasks.backends.sessions import OmModelError, om_session
 
-from .darknet_cfg import Yolo
+from .darknet_cfg import DarknetCfg, Yolo
 from .onnx_runtime import INPUT_NAME
+from .runtime import Detector
+from .spec import YOLOV3_SPP
+
+
+def open_om_detector(om_path: str, cfg: DarknetCfg, device: str, threads: int) -> Detector:
+    """The OM as a ``Detector``; ``threads`` is the host's, unused by the NPU."""
+    om = DetectorOm(om_path, device, tuple(cfg.yolo_heads), YOLOV3_SPP.inp)
+    return Detector(om, om.heads, om.close)
 
 
 class DetectorOm:
     """A ``NetFn`` over one ais_bench ``InferSession``; ``close()`` frees it."""
 
     def __init__(self, om_path: str | Path, device: str, heads: Sequence[Yolo], inp: int = 608) -> None:
-        try:
-            from ais_bench.infer.interface import InferSession
-        except ImportError as e:
-            raise BackendUnavailable(
-                f"om backend: cannot import ais_bench ({e}): install the ais_bench and aclruntime wheels "
-                f"(not on PyPI; see docs/ascend.md) and source {SET_ENV}") from None
-        self.path = Path(om_path)
-        check_model_file(self.path)
-        device_id = npu_index(device)
-        try:
-            self.session = InferSession(device_id, str(self.path))
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise BackendUnavailable(
-                f"om backend: InferSession({device_id}, {self.path}) failed: {e}; see the [ERROR] lines above: "
-                "`npu-smi info` for a busy or unhealthy device, and the soc_version the OM was built for "
-                "(its .json) against this chip") from e
+        self.path, self.heads = Path(om_path), tuple(heads)
+        self.session = om_session(om_path, device)
         try:
             self.output_shapes = self._check(heads, inp)
         except OmModelError:
@@ -72,7 +65,7 @@ class DetectorOm:
         return [np.asarray(o, dtype=np.float32).reshape(s) for o, s in zip(outputs, self.output_shapes)]
 
     def close(self) -> None:
-        # finalize() is process-wide (spec ascend.md §1.8): left to whoever owns the process.
+        # finalize() is process-wide (docs/ascend.md): left to whoever owns the process.
         if getattr(self, "session", None) is not None and hasattr(self.session, "free_resource"):
             self.session.free_resource()
         self.session = None

@@ -2,7 +2,7 @@
 
 The graph carries only the network (input -> raw head maps); decode and post-processing
 stay in ``yolo.decode_yolo_heads`` / ``postprocess`` so every backend shares them.
-Expect ~0.02 px / 3e-5 score differences from PyTorch, not bit equality (spec §10).
+Expect ~0.02 px / 3e-5 score differences from PyTorch, not bit equality (docs/numerics.md#detector-reproducibility, trap D20).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tasks.backends.sessions import onnxruntime_session
 
 from .yolo import Darknet, NetFn
 
@@ -51,25 +53,9 @@ def export_darknet_onnx(model: Darknet, path: str | Path, inp: int = 608, opset:
 
 
 def onnxruntime_net_fn(onnx_path: str | Path, intra_op_threads: int = 2, device: str = "cpu") -> NetFn:
-    """An ONNX Runtime session over the exported detector, as a ``NetFn``.
-
-    ``device``: ``cpu`` (the CPU provider) or ``cuda:N`` (the CUDA provider, with the CPU
-    as fallback), as the pose stage's ONNX Runtime backend opens them.
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError("the ONNX detector needs onnxruntime: pip install onnxruntime") from e
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, intra_op_threads)
-    providers: list = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ImportError("the ONNX detector on a GPU needs onnxruntime-gpu (pip install onnxruntime-gpu), "
-                              "or use --devices cpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
-    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    """An ONNX Runtime session over the exported detector, as a ``NetFn``, on ``device`` as the
+    pose stage's ONNX Runtime backend opens it (``tasks.backends.sessions``)."""
+    session = onnxruntime_session(onnx_path, device, intra_op_threads)
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         return session.run(None, {INPUT_NAME: x})

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .darknet_cfg import Yolo, parse_darknet_cfg
+from tasks.backends import BACKENDS, DETECTOR_BACKENDS, load
+
+from .darknet_cfg import DarknetCfg, Yolo, parse_darknet_cfg
 from .onnx_runtime import INPUT_NAME, export_darknet_onnx, onnxruntime_net_fn
 from .spec import YOLOV3_SPP
 from .yolo import Darknet, NetFn, build_darknet, torch_net_fn
-
-BACKENDS = ("torch", "onnxruntime", "om")
 
 
 def detector_key(weights: str | Path, cfg: str | Path) -> str:
@@ -53,8 +53,8 @@ def prepare_detector_model(backend: str, model: Darknet, weights: str | Path, cf
     """The absolute path of the file ``open_detector`` opens for ``backend``."""
     if backend == "torch":
         return str(Path(weights).resolve())
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown detector backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in DETECTOR_BACKENDS:
+        raise ValueError(f"unknown detector backend {backend!r}; choose one of {', '.join(DETECTOR_BACKENDS)}")
     onnx = detector_onnx(model, weights, cfg, models_dir)
     if backend == "onnxruntime":
         return str(onnx.resolve())
@@ -75,23 +75,21 @@ class Detector:
 
 
 def open_detector(backend: str, model_path: str, cfg_path: str, device: str = "cpu", threads: int = 2) -> Detector:
-    """One session on ``device`` ('cpu', 'cuda:0', 'npu:0': as this process sees it).
+    """One session on ``device`` ('cpu', 'cuda:0', 'npu:0': as this process sees it), from ``BACKENDS``."""
+    opener = BACKENDS[backend].detector if backend in BACKENDS else None
+    if opener is None:
+        raise ValueError(f"unknown detector backend {backend!r}; choose one of {', '.join(DETECTOR_BACKENDS)}")
+    return load(opener)(model_path, parse_darknet_cfg(cfg_path), device, threads)
 
-    torch: ``threads`` becomes torch's intra-op thread count for this process; use 2
-    or more to reproduce upstream's CPU sums (spec §10).
-    """
-    cfg = parse_darknet_cfg(cfg_path)
-    heads = tuple(cfg.yolo_heads)
-    if backend == "torch":
-        import torch
 
-        torch.set_num_threads(max(1, threads))
-        return Detector(torch_net_fn(build_darknet(cfg, model_path), device), heads, lambda: None)
-    if backend == "onnxruntime":
-        return Detector(onnxruntime_net_fn(model_path, threads, device), heads, lambda: None)
-    if backend == "om":
-        from .om_runtime import DetectorOm
+def open_torch_detector(weights: str, cfg: DarknetCfg, device: str, threads: int) -> Detector:
+    """The Darknet network itself; ``threads`` becomes torch's intra-op thread count for this
+    process: 2 or more reproduce upstream's CPU sums (docs/numerics.md#detector-reproducibility)."""
+    import torch
 
-        om = DetectorOm(model_path, device, heads, YOLOV3_SPP.inp)
-        return Detector(om, heads, om.close)
-    raise ValueError(f"unknown detector backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    torch.set_num_threads(max(1, threads))
+    return Detector(torch_net_fn(build_darknet(cfg, weights), device), tuple(cfg.yolo_heads), lambda: None)
+
+
+def open_onnx_detector(onnx_path: str, cfg: DarknetCfg, device: str, threads: int) -> Detector:
+    return Detector(onnxruntime_net_fn(onnx_path, threads, device), tuple(cfg.yolo_heads), lambda: None)

@@ -42,6 +42,8 @@ set, is a file where each session appends one JSON line: pid, device_id and the
 ASCEND_RT_VISIBLE_DEVICES its process saw (what a Ray NPU actor was given).
 ``FAKE_ACL_RUN_LOG``, when set, is a file where each execution call appends one JSON
 line: pid, model and the batch it ran at (the selected gear of a dynamic-batch OM).
+``FAKE_ACL_FREE_DIR``, when set, is a folder where each unloaded model leaves one file
+(pid, model, how it was unloaded), so a test in another process sees who freed what.
 """
 from __future__ import annotations
 
@@ -233,13 +235,14 @@ class _Session2023:
 
     def __del__(self) -> None:
         # ~PyInferenceSession -> Destroy(): SetContext, then unload, on whatever thread drops the last reference.
-        self._unload()
+        self._unload("destroyed")
 
-    def _unload(self) -> None:
+    def _unload(self, how: str = "free_resource") -> None:
         if getattr(self, "_loaded", False):
             self._loaded = False
             self._ort = None
             _count_load(-1)
+            _record_free(self.om_path, how)
 
     def _enter(self) -> None:
         """What a call needs: the context current on this thread, set by the call or not at all."""
@@ -355,6 +358,14 @@ class _Session2024(_Session2023):
 
     def free_resource(self) -> None:
         self._unload()
+
+
+def _record_free(model_path: str, how: str) -> None:
+    folder = os.environ.get("FAKE_ACL_FREE_DIR")
+    if folder:
+        name = f"{os.getpid()}-{time.monotonic_ns()}-{threading.get_ident()}.json"
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump({"pid": os.getpid(), "model": model_path, "how": how}, f)
 
 
 InferenceSession = _Session2024 if GENERATION == "new" else _Session2023

@@ -1,0 +1,167 @@
+"""What every device worker is: one process, one device, one inference session that one thread owns.
+
+``DeviceWorker`` is the base of the pose ``cluster.actor.Worker`` and the detector's
+``cluster.detect_actor.DetectWorker``; ``cluster.pool`` turns them into Ray actors
+pinned to their device. Its device thread opens the session, warms it up, runs
+the work queued for it back to back, and closes it: ais_bench sessions are not
+thread-safe, and before 2024 their ACL context is current only on the thread that
+made them, so every call of a session comes from that one thread, whatever the
+backend. ``describe()`` says where the worker landed; ``close()`` frees the session
+and stops the thread.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+#: The variable Ray sets to pin an actor to its accelerator, by slot kind (docs/ascend.md).
+VISIBILITY_VARS = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
+
+
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where a worker runs and what it opens there (``cluster.placement.worker_place``)."""
+
+    backend: str
+    compute_device: str  # what the backend opens, as this process sees it: 'cpu', 'cuda:0', 'npu:0'
+    label: str  # provisional; the driver names the device once Ray has placed the actor
+    kind: str  # the slot the actor holds: 'cpu' | 'cuda' | 'npu'
+    threads: int  # the backend's CPU threads
+    opencv_threads: int = 0  # OpenCV's pool in this process (cluster.placement.opencv_threads); 0: its default
+
+
+class DeviceWorker:
+    """Subclasses say how their session opens (``open_session``), warms up and closes.
+
+    ``self.config`` is the subclass's config; it has a ``place`` (``WorkerPlace``).
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        if config.place.opencv_threads:
+            import cv2
+
+            cv2.setNumThreads(config.place.opencv_threads)
+        self.session = None  # the device thread's: it opens, runs and closes it
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (work, future), then None to stop
+        self._lock = threading.Lock()
+        self._closing = False
+        opened: Future = Future()
+        self._device_thread = threading.Thread(target=self._device_loop, args=(opened,), name="device", daemon=True)
+        self._device_thread.start()
+        opened.result()  # an open error is raised here, so the actor fails to start with its line
+
+    # ------------------------------------------------------------ what a subclass says
+
+    def open_session(self, config):
+        """On the device thread: open the session ``config`` names."""
+        raise NotImplementedError
+
+    def warm_up(self, session, config) -> None:
+        """On the device thread: the first calls of a fresh session, outputs dropped (setup, not throughput)."""
+
+    def close_session(self, session) -> None:
+        """On the device thread: free the session (an OM's model leaves the device)."""
+        session.close()
+
+    # ------------------------------------------------------------ the device thread
+
+    def on_device(self, work: Callable[[], object]) -> Future:
+        """Queue ``work()`` for the device thread; its result or error comes back through the future."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError(f"worker {self.config.place.label} is closed")
+            done: Future = Future()
+            self._queue.put((work, done))
+        return done
+
+    def reopen(self, config) -> None:
+        """On the device thread: the session for ``config`` instead of the current one.
+
+        The old session is closed first (one model on the device at a time); a failed
+        open leaves no session, and the config unchanged.
+        """
+        self._close_current()
+        self.session = self._open_warm(config)
+        self.config = config
+
+    def _open_warm(self, config):
+        session = self.open_session(config)
+        try:
+            self.warm_up(session, config)
+        except BaseException:
+            self.close_session(session)
+            raise
+        return session
+
+    def _close_current(self) -> None:
+        session, self.session = self.session, None  # dropped even if closing raises
+        if session is not None:
+            self.close_session(session)
+
+    def _device_loop(self, opened: Future) -> None:
+        try:
+            self.session = self._open_warm(self.config)
+        except BaseException as e:
+            opened.set_exception(e)
+            return
+        opened.set_result(None)
+        while (item := self._queue.get()) is not None:
+            work, done = item
+            try:
+                done.set_result(work())
+            except BaseException as e:  # raised again in the thread that queued it
+                done.set_exception(e)
+
+    # ------------------------------------------------------------ the actor's methods
+
+    def describe(self) -> dict:
+        return describe_placement(self.config.place)
+
+    def close(self) -> None:
+        """Close the session on the device thread, then stop it; idempotent."""
+        with self._lock:
+            if self._closing or not self._device_thread.is_alive():
+                return
+            self._closing = True
+            closed: Future = Future()
+            self._queue.put((self._close_current, closed))
+            self._queue.put(None)
+        self._device_thread.join()
+        closed.result()
+
+
+def describe_placement(place: WorkerPlace) -> dict:
+    """Where a worker landed: the driver names the device from it and writes OUT/devices.json.
+
+    ``visible_devices`` is the visibility variable Ray set for this actor
+    (ASCEND_RT_VISIBLE_DEVICES for an NPU slot, CUDA_VISIBLE_DEVICES for a GPU): one id
+    per actor when pinning works.
+    """
+    node_id, node_ip, accelerator_ids = _ray_placement()
+    host = socket.gethostname()
+    var = VISIBILITY_VARS.get(place.kind)
+    return {"device": place.label, "kind": place.kind, "compute_device": place.compute_device,
+            "backend": place.backend,
+            # Simulated nodes share a hostname; the node id prefix tells them apart.
+            "node": f"{host}/{node_id[:8]}" if node_id else host, "host": host, "node_ip": node_ip,
+            "node_id": node_id, "pid": os.getpid(), "accelerator_ids": accelerator_ids,
+            "visible_devices": os.environ.get(var) if var else None, "threads": place.threads}
+
+
+def _ray_placement() -> tuple[str, str, dict[str, list[str]]]:
+    """(node id, node IP, accelerator ids by resource) when running in a Ray actor."""
+    try:
+        import ray
+    except ImportError:
+        return "", "", {}
+    if not ray.is_initialized():  # a plain worker, outside Ray
+        return "", "", {}
+    ctx = ray.get_runtime_context()
+    ids = {k: list(v) for k, v in ctx.get_accelerator_ids().items() if v}
+    return ctx.get_node_id(), ray.util.get_node_ip_address(), ids
