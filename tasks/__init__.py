@@ -9,4 +9,7 @@ Vocabulary:
     record    one COCO keypoint result dict (``evaluation``)
 
 Stages, in the order a crop meets them: dataset -> transforms -> backends -> decode -> evaluation.
+With ``uint8_input`` (the default on CPU devices) the uint8 crop goes to the backend as cut
+and the normalisation runs inside the exported graph (``deploy``), not in ``transforms``.
+What each stage computes, to the bit, and why: docs/numerics.md.
 """

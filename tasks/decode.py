@@ -1,4 +1,5 @@
-"""Heatmaps -> keypoints in image pixels: flip merge (spec §4) and decode (spec §6)."""
+"""Heatmaps -> keypoints in image pixels: flip merge (docs/numerics.md#flip) and decode
+(docs/numerics.md#decode)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,8 @@ def flip_back(heatmaps_flipped: np.ndarray, spec: ModelSpec = FASTPOSE) -> np.nd
     ``G[..., x] = F[..., x-1]``. Upstream writes it as an in-place copy onto an
     overlapping view, which PyTorch leaves undefined; on CPU it smears columns
     33..47 and moves 37% of the keypoints of a random network. On CUDA (where
-    upstream's 71.73 was measured) it behaves as the clean shift.
+    upstream's 71.73 was measured) it behaves as the clean shift. Why the shift exists
+    at all: docs/numerics.md#flip.
     """
     f = heatmaps_flipped[..., ::-1][:, spec.flip_order()]
     g = np.empty_like(heatmaps_flipped)
@@ -26,7 +28,7 @@ def flip_back(heatmaps_flipped: np.ndarray, spec: ModelSpec = FASTPOSE) -> np.nd
 
 
 def flip_merge(heatmaps: np.ndarray, heatmaps_flipped: np.ndarray, spec: ModelSpec = FASTPOSE) -> np.ndarray:
-    """The flip-test average, as float32 ops (spec §4.4): ``(H + flip_back(F)) / 2``.
+    """The flip-test average, as float32 ops (docs/numerics.md#flip): ``(H + flip_back(F)) / 2``.
 
     Written per joint into one output instead of through flip_back's full-size
     temporaries: the same float32 sums (tests), at 0.05 instead of 0.07 ms a box

@@ -3,10 +3,10 @@
 Two independent variants, each keypoint-identical to the plain path (tests):
 
 - ``fused_flip``: one call takes the batch, runs it and its mirror as one batch
-  of 2n and returns the flip-merged heatmaps (spec §4 with the clean shift). Half
+  of 2n and returns the flip-merged heatmaps (docs/numerics.md#flip, clean shift). Half
   the calls and half the bytes back; the same compute as a plain call at 2n.
 - ``uint8_input``: the input is the uint8 RGB crop as cut, ``[n, 256, 192, 3]``;
-  the graph normalises it exactly as spec §3.5 (float32 divide, then subtract,
+  the graph normalises it exactly as docs/numerics.md#input (float32 divide, then subtract,
   and trap T9's no-divide for a crop whose max is <= 1). 4x fewer bytes to the
   device and no normalisation on the host (on Ascend this is AIPP's job).
 """

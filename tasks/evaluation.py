@@ -1,4 +1,5 @@
-"""Result records, rescoring, OKS-NMS and COCOeval (spec §7–9).
+"""Result records, rescoring, OKS-NMS and COCOeval (docs/numerics.md#records,
+docs/numerics.md#rescoring, docs/numerics.md#oks-nms, docs/numerics.md#evaluation).
 
 ``results`` are COCO keypoint result dicts. ``keypoints.json`` holds exactly the
 list that ``evaluate_keypoints`` is given.
@@ -22,7 +23,7 @@ import numpy as np
 
 from tasks.dataset import Box
 
-#: COCO keypoint sigmas, also used by OKS-NMS (spec §8).
+#: COCO keypoint sigmas, also used by OKS-NMS (docs/numerics.md#oks-nms).
 OKS_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
                        1.07, 1.07, .87, .87, .89, .89]) / 10.0
 RESCORE_THRESHOLD = 0.2
@@ -57,12 +58,12 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-# ---------------------------------------------------------------- records (spec §7)
+# ---------------------------------------------------------------- records (docs/numerics.md#records)
 
 
 def result_record(image_id: int, xywh: tuple[float, ...], score: float,
                   keypoints: np.ndarray, area: float) -> dict:
-    """One pose result before NMS, with upstream's fields and float32 roundings (spec §7).
+    """One pose result before NMS, with upstream's fields and float32 roundings (docs/numerics.md#records).
 
     ``keypoints``: float32 ``[17, 3]``; ``area``: of the crop box, used by OKS-NMS only.
     """
@@ -132,11 +133,11 @@ def pose_records(boxes: list[Box], box_ids: np.ndarray, keypoints: np.ndarray,
     return pose_columns(boxes, box_ids, keypoints, crop_boxes).records()
 
 
-# ---------------------------------------------------------------- rescoring and OKS-NMS (spec §8)
+# ---------------------------------------------------------------- rescoring and OKS-NMS (docs/numerics.md#oks-nms)
 
 
 def rescore(record: dict) -> float:
-    """Box score times the mean of the keypoint scores > 0.2 (0 if none), trap T11."""
+    """Box score times the mean of the keypoint scores > 0.2 (0 if none): docs/numerics.md#rescoring, trap T11."""
     scores = record["keypoints"][2::3]
     confident = [s for s in scores if s > RESCORE_THRESHOLD]
     kpt_score = sum(confident) / len(confident) if confident else 0.0
@@ -271,7 +272,7 @@ _MAX_BATCHED = 2048
 
 def nms_rows(image_ids: np.ndarray, box_scores: np.ndarray, keypoints: np.ndarray, areas: np.ndarray,
              threshold: float = NMS_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
-    """Rescoring then OKS-NMS per image (spec §8), as ``rescore_and_nms``, on columns.
+    """Rescoring then OKS-NMS per image (docs/numerics.md#oks-nms), as ``rescore_and_nms``, on columns.
 
     ``image_ids`` ``[n]``, ``box_scores`` ``[n]``, ``keypoints`` ``[n, 17, 3]``, ``areas``
     ``[n]`` (crop boxes). Returns the rows kept, in output order (images in
@@ -316,7 +317,7 @@ def nms_rows(image_ids: np.ndarray, box_scores: np.ndarray, keypoints: np.ndarra
 
 
 def rescore_and_nms(records: list[dict] | PoseColumns) -> list[dict]:
-    """Per image (in order of first appearance): rescore, then OKS-NMS (spec §8).
+    """Per image (in order of first appearance): rescore, then OKS-NMS (docs/numerics.md#oks-nms).
 
     Takes result dicts (``pose_records``) or their columns (``pose_columns``, which skips
     building the dicts that NMS drops). Returns new dicts; the input is not changed.
@@ -335,7 +336,7 @@ def rescore_and_nms(records: list[dict] | PoseColumns) -> list[dict]:
         return [dict(records[i], score=s) for i, s in zip(rows.tolist(), scores.tolist())]
 
 
-# ---------------------------------------------------------------- COCOeval (spec §9)
+# ---------------------------------------------------------------- COCOeval (docs/numerics.md#evaluation)
 
 
 def evaluator_name(evaluator: str = "auto") -> str:

@@ -1,4 +1,4 @@
-"""FastPose with an SE-ResNet-50 backbone (AlphaPose ``fast_res50_256x192``), spec §2.
+"""FastPose with an SE-ResNet-50 backbone (AlphaPose ``fast_res50_256x192``): docs/numerics.md#network.
 
 The layer names match upstream's so that the released checkpoint loads unchanged
 and strictly: ``preact.*`` (backbone), ``duc1.*``, ``duc2.*``, ``conv_out.*``.

@@ -90,7 +90,7 @@ def warm_up(backend: Backend, flip: bool = True) -> None:
 
 def merge_outputs(variant: Variant, inputs: list[np.ndarray], outputs: list[np.ndarray],
                   seconds: float) -> InferredBatch:
-    """Flip-merge two passes (spec §4); a fused model's one output is merged already."""
+    """Flip-merge two passes (docs/numerics.md#flip); a fused model's one output is merged already."""
     heatmaps = flip_merge(outputs[0], outputs[1]) if len(outputs) == 2 else outputs[0]
     n = len(inputs[0])
     crops = 2 * n if variant.fused_flip else n * len(inputs)
@@ -99,7 +99,7 @@ def merge_outputs(variant: Variant, inputs: list[np.ndarray], outputs: list[np.n
 
 
 def infer_flip_test(backend: Backend, crops: np.ndarray, flip: bool = True) -> InferredBatch:
-    """Run the network on the crops and, with ``flip``, on their mirror; merge (spec §4).
+    """Run the network on the crops and, with ``flip``, on their mirror; merge (docs/numerics.md#flip).
 
     The backend's variant decides the split of work: a fused-flip model mirrors and
     merges inside its one call; a uint8-input model normalises the crops itself.

@@ -18,7 +18,7 @@ class ModelSpec:
     input_hw: tuple[int, int] = (256, 192)
     heatmap_hw: tuple[int, int] = (64, 48)
     num_joints: int = 17
-    #: Subtracted from R, G, B after /255; no std division (spec §3.5, trap T5).
+    #: Subtracted from R, G, B after /255; no std division (docs/numerics.md#input, trap T5).
     mean_rgb: tuple[float, float, float] = (0.406, 0.457, 0.480)
     #: Left/right joint pairs swapped when the crop is mirrored (COCO order, 0-based).
     flip_pairs: tuple[tuple[int, int], ...] = (

@@ -1,7 +1,9 @@
-"""Box -> crop -> network input, bit-identical to upstream AlphaPose with OpenCV 4.x (spec §3).
+"""Box -> crop -> network input, bit-identical to upstream AlphaPose with OpenCV 4.x.
 
-Every float32 rounding below is one that upstream makes; removing one changes
-crops (trap T8, T21). All functions are pure and work on numpy arrays.
+The rules and what breaks without them: docs/numerics.md#crop-box,
+docs/numerics.md#affine, docs/numerics.md#input. Every float32 rounding below is one
+that upstream makes; removing one changes crops (traps T8, T21, docs/numerics.md#traps).
+All functions are pure and work on numpy arrays.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def center_scale_to_crop_box(center: np.ndarray, scale: np.ndarray) -> np.ndarra
     """float32 ``[x1, y1, x2, y2]`` of the crop, by the numpy-1 rule (trap T20).
 
     Intermediates are float64 and rounded once, as upstream computed them in the
-    reference era; numpy >= 2 would round after every step (1 ulp on x2/y2).
+    reference era; numpy >= 2 would round after every step (1 ulp on x2/y2, up to
+    6.1e-5 px on decoded keypoints, never scores): docs/numerics.md#crop-box.
     """
     c = center.astype(np.float64)
     s = scale.astype(np.float64)
@@ -50,7 +53,7 @@ def center_scale_to_crop_box(center: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 
 def _affine_points(center: np.ndarray, width: float) -> np.ndarray:
-    """The three float32 points upstream solves the affine from (spec §3.3)."""
+    """The three float32 points upstream solves the affine from (docs/numerics.md#affine)."""
     p = np.zeros((3, 2), dtype=f32)
     c = np.asarray(center, dtype=np.float64)
     p[0] = c
@@ -84,8 +87,8 @@ def crop_rgb(image_rgb: np.ndarray, center: np.ndarray, scale: np.ndarray,
 def _normalisation_tables(spec: ModelSpec) -> np.ndarray:
     """``[2, 3, 256]`` float32: value of pixel p in channel c, with and without /255.
 
-    Bit-exact form is fl32(fl32(p / 255) - fl32(mean_c)) (spec §3.5); a table makes
-    it exact and cheap.
+    Bit-exact form is fl32(fl32(p / 255) - fl32(mean_c)) (docs/numerics.md#input); a
+    table makes it exact and cheap.
     """
     p = np.arange(256, dtype=f32)
     mean = np.array(spec.mean_rgb, dtype=f32)[:, None]
@@ -111,7 +114,7 @@ def crops_to_input(crops: np.ndarray) -> np.ndarray:
 
 
 def flip_input(x: np.ndarray) -> np.ndarray:
-    """Mirror the network input along its width (spec §4.1; trap T19: not a re-crop)."""
+    """Mirror the network input along its width (docs/numerics.md#flip; trap T19: not a re-crop)."""
     return np.ascontiguousarray(x[..., ::-1])
 
 

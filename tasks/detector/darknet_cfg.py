@@ -1,4 +1,4 @@
-"""Darknet ``.cfg`` text -> a list of plain dataclass blocks (spec §4.1).
+"""Darknet ``.cfg`` text -> a list of plain dataclass blocks (docs/numerics.md#detector-network).
 
 Only the keys upstream AlphaPose reads are kept; the training keys (``jitter``,
 ``ignore_thresh``, the ``[net]`` optimiser settings ...) are parsed and dropped.

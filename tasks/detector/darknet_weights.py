@@ -1,4 +1,5 @@
-"""Darknet ``.weights`` files: a small header, then every conv layer's floats (spec §4.4).
+"""Darknet ``.weights`` files: a small header, then every conv layer's floats
+(docs/numerics.md#detector-network; trap D11).
 
 Header: int32 major, minor, revision, then ``seen``, which is 8 bytes from version 0.2
 on and 4 bytes before (Darknet's rule). Upstream always skips 20 bytes; for 0.2+ files,

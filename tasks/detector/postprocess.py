@@ -1,4 +1,5 @@
-"""Decoded rows -> person boxes in image pixels -> COCO detection records (spec §6-8).
+"""Decoded rows -> person boxes in image pixels -> COCO detection records
+(docs/numerics.md#detector-nms, docs/numerics.md#detector-records).
 
 Everything is float32 numpy, in upstream's operation order. The two sorts use
 ``torch.sort`` because upstream's tie order is that of torch's (unstable) sort (D15).
@@ -83,8 +84,8 @@ def letterbox_xyxy_to_image(dets: np.ndarray, width: int, height: int, inp: int)
     """Map ``x1, y1, x2, y2`` back to image pixels and clamp them to the image.
 
     Uses a float32 scale ``s`` and the continuous offset ``(inp - s*W) / 2``, not the
-    integer placement of the letterbox: upstream's boxes carry that mismatch (spec §7,
-    D7, D8).
+    integer placement of the letterbox: upstream's boxes carry that mismatch
+    (docs/numerics.md#detector-records; traps D7, D8).
     """
     inp32, w32, h32 = np.float32(inp), np.float32(width), np.float32(height)
     # Upstream writes ``inp / dims`` with a float32 tensor on the right, which torch

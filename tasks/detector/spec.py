@@ -1,4 +1,5 @@
-"""The constants upstream's YOLO person detector runs with (spec §2)."""
+"""The constants upstream's YOLO person detector runs with (docs/numerics.md#letterbox,
+docs/numerics.md#detector-nms)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
-"""The Darknet network built from a parsed cfg, and the YOLO head decode (spec §4, §5).
+"""The Darknet network built from a parsed cfg, and the YOLO head decode
+(docs/numerics.md#detector-network, docs/numerics.md#detector-decode).
 
 ``Darknet.forward`` returns the raw input of each ``[yolo]`` layer (``[B, A*(5+C), G, G]``),
 which is all an exported graph needs to carry; ``decode_yolo_heads`` turns those maps
@@ -41,7 +42,7 @@ class ZeroPadMaxPool(nn.Module):
 
 def _conv(in_channels: int, block: Convolutional) -> nn.Sequential:
     # Conv, then eval BatchNorm (eps 1e-5), then LeakyReLU(0.1), as separate ops: folding
-    # BN into the conv changes the last bits (spec §10).
+    # BN into the conv changes the last bits (docs/numerics.md#detector-reproducibility).
     layers: list[nn.Module] = [nn.Conv2d(
         in_channels, block.filters, block.size, block.stride,
         (block.size - 1) // 2 if block.pad else 0, bias=not block.batch_normalize)]
@@ -157,7 +158,8 @@ def decode_yolo_head(raw: torch.Tensor, head: Yolo, inp: int) -> torch.Tensor:
     grid = inp // stride
     p = raw.reshape(b, attrs * a, grid * grid).transpose(1, 2).contiguous().view(b, grid * grid * a, attrs)
     # Sigmoid on the strided column views, not a contiguous copy: torch's CPU kernel
-    # takes another path there, and upstream's last bits come from this one (spec §10).
+    # takes another path there, and upstream's last bits come from this one
+    # (docs/numerics.md#detector-reproducibility).
     p[:, :, 0] = torch.sigmoid(p[:, :, 0])
     p[:, :, 1] = torch.sigmoid(p[:, :, 1])
     p[:, :, 4] = torch.sigmoid(p[:, :, 4])
