@@ -1,4 +1,4 @@
-"""Image file -> the detector's letterboxed input (spec §3).
+"""Image file -> the detector's letterboxed input (docs/numerics.md#letterbox).
 
 The order matters for the bits: bicubic resize and 128 padding on the uint8 **BGR**
 image, then BGR -> RGB, then a float32 division by 255 (traps D7, D9, D10, D22).
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .cubic_resize import resize_cubic_uint8
 
 
 class ImageError(ValueError):
@@ -30,10 +32,14 @@ def letterbox_size(width: int, height: int, inp: int) -> tuple[int, int]:
 
 
 def letterbox_bgr_uint8(bgr: np.ndarray, inp: int) -> np.ndarray:
-    """uint8 ``[inp, inp, 3]`` BGR: bicubic resize, centred (floor offsets) on a 128 canvas."""
+    """uint8 ``[inp, inp, 3]`` BGR: bicubic resize, centred (floor offsets) on a 128 canvas.
+
+    The resize is the project's numpy rule, not ``cv2.resize``: the installed OpenCV's
+    cubic depends on its release, its CPU path and IPP (docs/numerics.md#letterbox).
+    """
     h, w = bgr.shape[:2]
     new_w, new_h = letterbox_size(w, h, inp)
-    resized = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    resized = resize_cubic_uint8(bgr, new_w, new_h)
     canvas = np.full((inp, inp, 3), 128, np.uint8)
     top, left = (inp - new_h) // 2, (inp - new_w) // 2
     canvas[top:top + new_h, left:left + new_w] = resized
