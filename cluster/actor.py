@@ -8,7 +8,6 @@ keyed by box id, never heatmaps unless asked to dump them on its own side.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -22,9 +21,11 @@ import numpy as np
 from cluster.worker import DeviceWorker, WorkerPlace
 from tasks.backends import open_backend
 from tasks.dataset import Box, ImageError, read_rgb
-from tasks.deploy import Variant
 from tasks.decode import decode_keypoints
+from tasks.files import atomic_file
+from tasks.opencv_check import check_opencv
 from tasks.pipeline import PreparedBatch, merge_outputs, network_inputs, prepare_batch, run_network, warm_up
+from tasks.variant import Variant
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class WorkerConfig:
     dump_dir: str | None = None  # write merged heatmaps here, per shard
     variant: Variant = Variant()  # what the model file computes (tasks.deploy)
     sim_rate: float = 0.0  # network inputs per second, for the sim backend
+    allow_opencv_mismatch: bool = False  # crop although OpenCV's warp is not the rule (tasks.opencv_check)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class ShardResult:
     finished: float = 0.0
     # device seconds of each backend call, in call order: the reducer's latency distribution
     call_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # unix seconds at which each of those calls began (float64: float32 cannot hold a unix time to the ms)
+    call_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     host_seconds: dict[str, float] = field(default_factory=dict)  # per stage, HOST_STAGES
 
 
@@ -98,9 +102,16 @@ class _ImageCache:
 
 class Worker(DeviceWorker):
     def __init__(self, config: WorkerConfig) -> None:
+        # Before the session opens: a crop by another warp would move every keypoint.
+        self.opencv_mismatch = check_opencv(config.allow_opencv_mismatch)
         super().__init__(config)
         self._images = _ImageCache()
         self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
+
+    def describe(self) -> dict:
+        import cv2
+
+        return {**super().describe(), "opencv": cv2.__version__, "opencv_warp_mismatch": self.opencv_mismatch}
 
     def open_session(self, config: WorkerConfig):
         place = config.place
@@ -130,17 +141,22 @@ class Worker(DeviceWorker):
             warm_up(self.session, new.flip)
         self.config = new
 
-    def _run_batch(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float, float, list[float]]:
-        """On the device thread: (outputs, device seconds, seconds held, device seconds of each call)."""
+    def _run_batch(self, inputs: list[np.ndarray]
+                   ) -> tuple[list[np.ndarray], float, float, list[float], list[float]]:
+        """On the device thread: (outputs, device seconds, seconds busy (holding the device), device seconds of each call,
+        unix time each call began)."""
         if self.session is None:
             raise RuntimeError(f"{self.config.place.label}: no open session: the last set_batch failed to open "
                                "its model")
         t0 = time.perf_counter()
-        # one run_network per input array, so each call's own device seconds are kept
-        calls = [run_network(self.session, [x]) for x in inputs]
-        held = time.perf_counter() - t0
+        # one run_network per input array, so each call's own device seconds (and start, for the timeline) are kept
+        starts, calls = [], []
+        for x in inputs:
+            starts.append(time.time())
+            calls.append(run_network(self.session, [x]))
+        busy = time.perf_counter() - t0
         per_call = [s for _, s in calls]
-        return [y for ys, _ in calls for y in ys], sum(per_call), held, per_call
+        return [y for ys, _ in calls for y in ys], sum(per_call), busy, per_call, starts
 
     def _prepare(self, boxes: list[Box], paths: dict[int, str]
                  ) -> tuple[PreparedBatch | None, list, list, Future, dict[str, float]]:
@@ -173,7 +189,7 @@ class Worker(DeviceWorker):
         futures = [self._prep.submit(self._prepare, b, shard.image_paths) for b in batches]
         result = ShardResult(shard.id, cfg.place.label, np.zeros(0, np.int64),
                              np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=started)
-        ids, kpts, crop_boxes, dumps, per_call = [], [], [], [], []
+        ids, kpts, crop_boxes, dumps, per_call, call_starts = [], [], [], [], [], []
         stages = dict.fromkeys(HOST_STAGES, 0.0)
         for future in futures:
             t0 = time.perf_counter()
@@ -185,7 +201,7 @@ class Worker(DeviceWorker):
             result.skipped += skipped
             if prepared is None:
                 continue
-            outputs, seconds, held, call_seconds = on_device.result()
+            outputs, seconds, busy, call_seconds, starts = on_device.result()
             t2 = time.perf_counter()
             # merge and decode here, while the device thread runs the next batch
             inferred = merge_outputs(cfg.variant, inputs, outputs, seconds)
@@ -196,7 +212,8 @@ class Worker(DeviceWorker):
             stages["flip_merge"] += t3 - t2
             stages["decode_keypoints"] += t4 - t3
             per_call += call_seconds
-            result.busy_seconds += held
+            call_starts += starts
+            result.busy_seconds += busy
             result.device_seconds += inferred.device_seconds
             result.crops += inferred.crops
             result.calls += inferred.calls
@@ -214,6 +231,7 @@ class Worker(DeviceWorker):
             _save_npz(Path(cfg.dump_dir) / f"shard-{shard.id:06d}.npz",
                       box_ids=result.box_ids, heatmaps=np.concatenate(dumps))
         result.call_seconds = np.asarray(per_call, np.float32)
+        result.call_starts = np.asarray(call_starts, np.float64)
         result.host_seconds = stages
         result.finished = time.time()
         return result
@@ -224,8 +242,5 @@ class Worker(DeviceWorker):
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)

@@ -69,8 +69,8 @@ class DetectWorker(DeviceWorker):
                 result.unreadable.append({"image_id": image_id, "file": path, "reason": str(e)})
                 continue
             x = letterbox_bgr_to_rgb_input(bgr, YOLOV3_SPP.inp)
-            raw, held = self.on_device(partial(self._network, x)).result()
-            result.busy_seconds += held
+            raw, busy = self.on_device(partial(self._network, x)).result()
+            result.busy_seconds += busy
             result.records += image_records(raw, self.session.heads, image_id, bgr.shape[:2])
         result.finished = time.time()
         return result

@@ -1,6 +1,6 @@
 """Find the devices of this host and read `--devices`.
 
-    parse_devices('0,1')     -> NPUs with logical ids 0 and 1 (docs/ascend.md)
+    parse_devices('0,1')     -> NPUs with logical ids 0 and 1 (docs/ascend.md#device-ids)
     parse_devices('all')     -> every NPU npu-smi lists
     parse_devices('cuda:0')  -> GPU 0;  'cuda' -> every GPU torch sees
     parse_devices('cpu:4')   -> 4 CPU workers;  'cpu' -> one
@@ -14,12 +14,13 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from cluster.npu_smi import CPU_HINT, NpuChip, NpuSmiUnavailable, check_output, parse_info, soc_version
+from cluster.npu_smi import CPU_HINT, ChipLogic, NpuChip, NpuSmiUnavailable, check_output, parse_info, soc_version
+from tasks.errors import UserError
 
 FORMS = "0,1 | all | cuda | cuda:0,1 | cpu | cpu:N"
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A `--devices` value that cannot be honoured; the message is one line for the user."""
 
 
@@ -30,7 +31,7 @@ class Device:
     `id` is what `--devices` names: the ACL user id for 'npu' (the logical id unless
     ASCEND_RT_VISIBLE_DEVICES renumbers this process's NPUs), the CUDA index, or the
     CPU worker index. `logical_id` is the NPU's id outside that renumbering: the value
-    to put in ASCEND_RT_VISIBLE_DEVICES when pinning Ray actors (docs/ascend.md).
+    to put in ASCEND_RT_VISIBLE_DEVICES when pinning Ray actors (docs/ascend.md#device-ids).
     """
 
     kind: str  # 'npu' | 'cuda' | 'cpu'
@@ -39,6 +40,8 @@ class Device:
     soc: str | None = None  # ATC --soc_version; None when npu-smi cannot tell (pass --soc-version)
     logical_id: int | None = None
     card_id: int | None = None  # npu-smi -i handle, for messages only
+    health: str | None = None  # npu-smi's Health column: OK, Warning, Alarm, Critical, UNKNOWN
+    chip_id: int | None = None  # the chip's index on its card (npu-smi info -m pairs it with the card id)
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.id} ({self.name})"
@@ -76,20 +79,21 @@ def discover_npus() -> list[Device]:
     if visible is None:
         pairs = [(c.acl_id, c) for c in sorted(chips, key=lambda c: c.acl_id)]  # user id = logical id
     else:
-        # The process sees only the listed chips, renumbered 0..k-1 (docs/ascend.md).
+        # The process sees only the listed chips, renumbered 0..k-1 (docs/ascend.md#device-ids).
         by_logical = {c.acl_id: c for c in chips}
         listed = visible_npu_ids(visible, sorted(by_logical))
         if chips and not listed:
             raise DeviceError(f"ASCEND_RT_VISIBLE_DEVICES={visible!r} leaves no NPU visible; "
                               f"it takes ascending logical ids from {_join(sorted(by_logical))}")
         pairs = list(enumerate(by_logical[i] for i in listed))
-    return [Device("npu", user, _npu_name(c.name), socs[c.name], c.acl_id, c.card_id) for user, c in pairs]
+    return [Device("npu", user, _npu_name(c.name), socs[c.name], c.acl_id, c.card_id, c.health, c.chip_id)
+            for user, c in pairs]
 
 
 def visible_npu_ids(value: str, present: Sequence[int]) -> list[int]:
     """Logical ids ASCEND_RT_VISIBLE_DEVICES=`value` leaves visible, in user-id order.
 
-    CANN rule (docs/ascend.md): comma-separated logical ids, ascending only; parsing stops
+    CANN rule (docs/ascend.md#device-ids): comma-separated logical ids, ascending only; parsing stops
     at the first space, other character or invalid id.
     """
     ids: list[int] = []
@@ -148,12 +152,49 @@ def _pick(spec: str, label: str, discover: Callable[[], list[Device]], wanted: l
         how = "npu-smi lists no chips" if label == "NPU" else "torch is missing or torch.cuda.is_available() is False"
         raise DeviceError(f"--devices {spec}: no {label} found ({how})")
     if wanted is None:
+        _refuse_unhealthy(spec, found)
         return sorted(found, key=lambda d: d.id)
     by_id = {d.id: d for d in found}
     missing = [i for i in wanted if i not in by_id]
     if missing:
         raise DeviceError(f"--devices {spec}: {label} {_join(missing)} not found; present: {_describe(found)}")
     return [by_id[i] for i in sorted(wanted)]
+
+
+def unhealthy(devices: Sequence[Device]) -> list[Device]:
+    """NPUs whose npu-smi Health is not OK (Warning, Alarm, Critical, UNKNOWN)."""
+    return [d for d in devices if d.health is not None and d.health.upper() != "OK"]
+
+
+def _refuse_unhealthy(spec: str, found: list[Device]) -> None:
+    """``all`` takes no chip npu-smi does not call OK: only ids named in --devices take one."""
+    bad = unhealthy(found)
+    if bad:
+        good = [d.id for d in found if d not in bad]
+        named = ", ".join(f"{d.id} ({d.health})" for d in bad)
+        instead = f"--devices {','.join(map(str, good))} without it, or " if good else ""
+        raise DeviceError(f"--devices {spec}: npu-smi info reports NPU {named} not OK; a run takes such a chip "
+                          f"only when --devices names it: {instead}--devices "
+                          f"{','.join(str(d.id) for d in sorted(found, key=lambda d: d.id))} to use it anyway")
+
+
+def chip_map_disagreements(devices: Sequence[Device], chip_map: Sequence[ChipLogic]) -> list[str]:
+    """Where ``npu-smi info -m``'s Chip Logic ID differs from the logical id read from ``npu-smi info``.
+
+    Both name a chip by card id and chip id (docs/ascend.md#device-ids). On bare metal
+    -m is the authority; in a container the ordinal rule of ``npu-smi info`` holds and -m
+    may print host ids, so a disagreement is reported, never silently resolved.
+    """
+    by_chip = {(c.card_id, c.chip_id): c.logic_id for c in chip_map}
+    out = []
+    for d in devices:
+        logic = by_chip.get((d.card_id, d.chip_id))
+        if logic is None:
+            out.append(f"card {d.card_id} chip {d.chip_id} (logical {d.logical_id}) is not in npu-smi info -m")
+        elif logic != d.logical_id:
+            out.append(f"card {d.card_id} chip {d.chip_id}: npu-smi info gives logical id {d.logical_id}, "
+                       f"-m gives {logic}")
+    return out
 
 
 def _parse_ids(spec: str, text: str, single: bool = False) -> list[int]:
@@ -185,7 +226,7 @@ def _join(ids: Sequence[int | None]) -> str:
 
 def _soc(chips: list[NpuChip]) -> str | None:
     """soc_version of same-named chips, or None: only ATC needs it, and --soc-version overrides."""
-    # A3 prints Name 'Ascend910'; its soc is only in the board text (docs/ascend.md).
+    # A3 prints Name 'Ascend910'; its soc is only in the board text (docs/ascend.md#soc-version).
     board = None
     try:
         if chips[0].name.startswith("Ascend"):

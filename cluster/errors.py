@@ -5,8 +5,11 @@ devices; the caller adds what it keeps and how to go on.
 """
 from __future__ import annotations
 
+from tasks.errors import UserError
 
-class ClusterError(RuntimeError):
+
+
+class ClusterError(UserError, RuntimeError):
     """Ray or the device workers cannot go on."""
 
 
@@ -33,7 +36,8 @@ def first_line(error: BaseException) -> str:
         return type(error).__name__
     # A dead actor's last line runs on with troubleshooting advice: its first sentence says it.
     line = lines[-1].split(". ")[0].rstrip(".") if isinstance(error, RayActorError) else lines[-1]
-    # A worker's own error arrives as 'package.module.SomeError: message': the message is the line.
+    # A worker's own error arrives as 'package.module.SomeClass: message' (an actor's creation error
+    # carries no cause, only this text): the message is the line.
     head, sep, rest = line.partition(": ")
     return rest if sep and "." in head and head.replace(".", "").replace("_", "").isalnum() \
-        and head.rsplit(".", 1)[1].endswith(("Error", "Exception")) else line
+        and head.rsplit(".", 1)[1][:1].isupper() else line

@@ -1,6 +1,6 @@
 """Parse `npu-smi` text into chips, card lists and soc_version; no subprocess here.
 
-Vocabulary (docs/ascend.md): a *card id* is npu-smi's `NPU` column, a handle for
+Vocabulary (docs/ascend.md#device-ids): a *card id* is npu-smi's `NPU` column, a handle for
 `npu-smi -i` and never a device id; a *chip id* is the index of a chip on its card;
 an *acl id* is the logical id that `aclrtSetDevice` / `InferSession(device_id=...)`
 takes in a process without ASCEND_RT_VISIBLE_DEVICES.
@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tasks.cann import SET_ENV
+from tasks.errors import UserError
 
 
-class NpuSmiUnavailable(RuntimeError):
+class NpuSmiUnavailable(UserError, RuntimeError):
     """npu-smi is missing or failed; the message is one line that says what to do."""
 
 
@@ -173,7 +174,7 @@ def parse_board(text: str) -> Board:
 
 
 def soc_version(chips: Sequence[NpuChip], board_text: str | None = None) -> str:
-    """ATC --soc_version for chips that share one Name (docs/ascend.md).
+    """ATC --soc_version for chips that share one Name (docs/ascend.md#soc-version).
 
     'Ascend' + Name ('310P3' -> 'Ascend310P3'), except on A3 where Name is already
     'Ascend910' and the soc ('Ascend910_9392') is only in `npu-smi info -t board`.

@@ -12,7 +12,8 @@ from cluster.worker import WorkerPlace
 def compute_device(kind: str, backend: str) -> str:
     """The device the backend opens inside an actor pinned to a ``kind`` slot.
 
-    Ray makes the pinned accelerator device 0 of the actor's process. Only the OM
+    Ray makes the pinned accelerator device 0 of the actor's process (an NPU actor
+    checks it: ``cluster.worker.pin_npu``; docs/ascend.md#ray-pinning). Only the OM
     backend runs on NPUs: torch and ONNX Runtime here have no NPU support, so on an
     NPU slot they compute on the CPU. That is deliberate and used on purpose: it runs
     Ray's real NPU scheduling and pinning (the slot, ASCEND_RT_VISIBLE_DEVICES) on
@@ -51,7 +52,8 @@ def placements(devices: list[Device], backend: str, threads: int, cpus_per_worke
         elif d.kind == "cuda":
             options = {"num_gpus": 1, "num_cpus": 0}
         else:
-            # Ray sets ASCEND_RT_VISIBLE_DEVICES for an {"NPU": 1} actor: its device is 0 inside.
+            # Ray sets ASCEND_RT_VISIBLE_DEVICES for an {"NPU": 1} actor: its device is 0 inside, unless
+            # the node has the NOSET variable; the actor checks which (cluster.worker.pin_npu).
             options = {"resources": {"NPU": 1}, "num_cpus": 0}
         out.append(Placement(d, options, backend, on, f"{d.kind}:{d.id}", share))
     return out
@@ -90,13 +92,14 @@ def device_label(described: dict, devices: list[Device], existing: bool) -> str:
     Ray, not the driver, picks which of the slots an actor gets, so NPU and GPU
     workers are named from the id Ray assigned them. On this host's private Ray that
     id is the logical id the driver put in the visibility variable: named back as the
-    user wrote it in ``--devices``.
+    user wrote it in ``--devices``. A worker that opened an NPU is named by the chip it
+    opened (``chip``, cluster.worker.pin_npu), which is what the name must be true to.
     """
     kind = described["kind"]
     if kind == "cpu":
         return described["device"]
     ids = described["accelerator_ids"].get("NPU" if kind == "npu" else "GPU") or [described["visible_devices"]]
-    assigned = str(ids[0])
+    assigned = str(ids[0]) if described.get("chip") is None else str(described["chip"])
     if not existing:
         for d in devices:
             own = d.logical_id if d.kind == "npu" and d.logical_id is not None else d.id

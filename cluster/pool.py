@@ -63,6 +63,12 @@ class ActorPool:
             for h in handles:
                 ray.kill(h)
             raise WorkerStartError(f"a device worker failed to start: {first_line(e)}") from None
+        shared = shared_chips(described)
+        if shared:  # two sessions on one chip would each measure half of it, or fail: stop before any shard
+            for h in handles:
+                ray.kill(h)
+            raise WorkerStartError(f"two device workers opened one NPU ({shared}): each worker must own its chip "
+                                   "(docs/ascend.md#ray-pinning); run one Ray node per host, or name distinct chips")
         labels = name_devices(described, self.session.devices, self.session.existing)
         for d, label, name in zip(described, labels, names):
             d.update(device=label, actor=name)
@@ -125,6 +131,20 @@ class ActorPool:
     def _kill(self, label: str, handle) -> None:
         self.killed.append(label)
         self.session.ray.kill(handle, no_restart=True)
+
+
+def shared_chips(described: list[dict]) -> str:
+    """'chip 0 on host-a: pids 11, 12' for each NPU that more than one worker opened; '' when none did.
+
+    Chips are physical, so workers are grouped by host, not by Ray node: two raylets on
+    one host share its chips.
+    """
+    by_chip: dict[tuple[str, int], list[int]] = {}
+    for d in described:
+        if d.get("chip") is not None:
+            by_chip.setdefault((d["host"], d["chip"]), []).append(d["pid"])
+    return "; ".join(f"chip {chip} on {host}: pids {', '.join(map(str, pids))}"
+                     for (host, chip), pids in sorted(by_chip.items()) if len(pids) > 1)
 
 
 @contextmanager

@@ -16,13 +16,18 @@ for ever:
 The queue sends through the ``send(worker, shard) -> token`` it is given and learns
 the outcome of each token from the caller (``succeeded``, ``failed``); Ray's part,
 waiting and getting, is ``cluster.dispatch.run_shards``. Shards need an ``id``.
+Its ``DispatchReport`` also notes, in unix time, what the run's timeline shows: a worker
+lost, a copy sent, the queue empty, and each run cancelled because its sibling came first.
 """
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+
+from tasks.timeline import MARKER_KINDS
 
 #: Shards queued per worker: one runs while the next is prepared.
 IN_FLIGHT_PER_WORKER = 2
@@ -52,12 +57,41 @@ class DispatchPolicy:
     poll_s: float = 0.2  # how often timeouts, copies and the stop event are looked at
 
 
+#: What the queue notes for the run's timeline: its marker kinds.
+EVENT_KINDS = MARKER_KINDS
+
+
+@dataclass(frozen=True)
+class QueueEvent:
+    """Something the queue did at one moment: a worker dropped, a copy sent, nothing left to hand out."""
+
+    time: float  # unix seconds: the timeline sets it beside the workers' own unix times
+    kind: str  # one of EVENT_KINDS
+    worker: str | None  # None: the queue as a whole
+    text: str
+    shard: object = None  # the copied shard's id
+
+
+@dataclass(frozen=True)
+class CancelledRun:
+    """A run of a shard whose result was not wanted (its sibling came first): the timeline's lost span."""
+
+    shard: object  # shard id
+    worker: str
+    sent: float  # unix seconds
+    cancelled: float
+    copy: bool  # this run was the speculative copy (else the copy beat it)
+
+
 @dataclass
 class DispatchReport:
     lost: dict[str, str] = field(default_factory=dict)  # worker -> why it was dropped
     failed: list[tuple[object, str]] = field(default_factory=list)  # (shard, error) given up
     copies: int = 0  # speculative copies sent
     copies_won: Counter = field(default_factory=Counter)  # worker -> copies it ran that came first
+    won_by_copy: set = field(default_factory=set)  # (shard id, worker) of results kept from a copy
+    cancelled: list[CancelledRun] = field(default_factory=list)  # runs whose sibling won
+    events: list[QueueEvent] = field(default_factory=list)  # in the order they happened
 
 
 @dataclass
@@ -68,6 +102,7 @@ class Sent:
     worker: str
     at: float  # monotonic seconds
     copy: bool
+    wall: float = 0.0  # unix seconds, for the timeline
 
 
 @dataclass
@@ -141,10 +176,13 @@ class ShardQueue:
 
     def fill(self, now: float) -> None:
         """Top every worker up to ``policy.in_flight`` shards, one level at a time."""
+        had_pending = bool(self._pending)
         for level in range(self.policy.in_flight):
             for worker in self._workers:
                 if self._pending and self._held[worker] <= level and (shard := self._take(worker)) is not None:
                     self._dispatch(worker, shard, now, copy=False)
+        if had_pending and not self._pending:  # again after a lost worker's shards went back
+            self._note("queue_empty", None, "queue empty")
 
     def _take(self, worker: str):
         """The first pending shard for ``worker``: one that raised on it waits for a worker
@@ -160,7 +198,7 @@ class ShardQueue:
         if not self._held[worker]:
             self._silent_since[worker] = now
         token = self._send(worker, shard)
-        self._sent[token] = Sent(shard, worker, now, copy)
+        self._sent[token] = Sent(shard, worker, now, copy, time.time())
         self._held[worker] += 1
 
     def copy_late(self, now: float) -> None:
@@ -175,8 +213,10 @@ class ShardQueue:
                 oldest = min(late, key=lambda s: s.at)
                 self._copied.add(oldest.shard.id)
                 self.report.copies += 1
-                self._log(f"shard {oldest.shard.id} on {oldest.worker} for {now - oldest.at:.0f} s "
-                          f"(limit {limit:.1f} s): a copy runs on {worker}")
+                line = (f"shard {oldest.shard.id} on {oldest.worker} for {now - oldest.at:.0f} s "
+                        f"(limit {limit:.1f} s): a copy runs on {worker}")
+                self._log(line)
+                self._note("copy_sent", worker, line, oldest.shard.id)
                 self._dispatch(worker, oldest.shard, now, copy=True)
 
     # ------------------------------------------------------------ outcomes
@@ -191,9 +231,10 @@ class ShardQueue:
         bisect.insort(self._shard_seconds, now - sent.at)
         unwanted = self._copies_of(sent.shard.id)
         for other in unwanted:
-            self._forget(other)
+            self._cancel(other)
         if sent.copy:
             self.report.copies_won[sent.worker] += 1
+            self.report.won_by_copy.add((sent.shard.id, sent.worker))
         return sent, unwanted
 
     def failed(self, token: Hashable, kind: str, why: str, now: float) -> Failure:
@@ -240,6 +281,7 @@ class ShardQueue:
         self._workers.remove(worker)
         self.report.lost[worker] = why
         self._log(f"device {worker} lost ({why}); its shards go to the other devices")
+        self._note("device_lost", worker, f"{worker} lost: {why}")
         for token in [t for t, s in self._sent.items() if s.worker == worker]:
             self._requeue(self._forget(token).shard)
         return [worker]
@@ -248,7 +290,7 @@ class ShardQueue:
         """Once done: the copies still in flight whose shard finished first elsewhere (to cancel)."""
         tokens = list(self._sent)
         for token in tokens:
-            self._forget(token)
+            self._cancel(token)
         return tokens
 
     # ------------------------------------------------------------ bookkeeping
@@ -257,6 +299,14 @@ class ShardQueue:
         sent = self._sent.pop(token)
         self._held[sent.worker] -= 1
         return sent
+
+    def _cancel(self, token: Hashable) -> None:
+        """Forget an unwanted run, noting when it was sent and dropped (the timeline's ``won: false`` span)."""
+        sent = self._forget(token)
+        self.report.cancelled.append(CancelledRun(sent.shard.id, sent.worker, sent.wall, time.time(), sent.copy))
+
+    def _note(self, kind: str, worker: str | None, text: str, shard=None) -> None:
+        self.report.events.append(QueueEvent(time.time(), kind, worker, text, shard))
 
     def _copies_of(self, shard_id) -> list[Hashable]:
         return [t for t, s in self._sent.items() if s.shard.id == shard_id]

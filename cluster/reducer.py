@@ -69,8 +69,8 @@ def call_ms(call_seconds: np.ndarray) -> dict:
 
 
 def host_seconds(results: list[ShardResult]) -> dict[str, float]:
-    """Seconds per host stage summed over shards; a journal older than the stages gives zeros."""
-    return {stage: float(sum(r.host_seconds.get(stage, 0.0) for r in results)) for stage in HOST_STAGES}
+    """Seconds per host stage summed over shards."""
+    return {stage: float(sum(r.host_seconds[stage] for r in results)) for stage in HOST_STAGES}
 
 
 def dominant_stage(stages: dict[str, float]) -> str | None:
@@ -160,7 +160,7 @@ def format_throughput(tp: dict) -> str:
     lines = [head, "-" * len(head)]
     for r in tp["devices"]:
         lost = "  LOST" if r["lost"] else ""
-        calls = r.get("call_ms") or {}  # absent in a throughput.json older than the latency figures
+        calls = r["call_ms"]
         lines.append(f"{r['id']:<10} {r['kind']:<5} {_tail(r['node'], 20):<20} {r['boxes']:>7} {r['crops']:>7} "
                      f"{r['device_seconds']:>8.2f} {r['device_fps']:>9.1f} {_ms(calls, 'p50')} {_ms(calls, 'p99')} "
                      f"{r['busy_seconds']:>8.2f} {r['wall_seconds']:>8.2f}{lost}")

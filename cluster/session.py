@@ -18,6 +18,8 @@ from cluster.errors import ClusterError, first_line
 #: This project's packages, shipped to a cluster's nodes: their workers then import the
 #: driver's code, whatever their working directory; nodes need only the same Python packages.
 CODE = [str(Path(__file__).resolve().parents[1] / name) for name in ("runner", "cluster", "tasks")]
+#: Set (truthy) where a Ray node starts, Ray leaves ASCEND_RT_VISIBLE_DEVICES as it was in actors.
+NOSET_NPU = "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"
 
 
 @dataclass
@@ -67,10 +69,13 @@ def _start_local(ray, devices: list[Device]) -> None:
     """A private Ray on this host whose NPU/GPU slots are exactly the ``--devices`` named.
 
     Ray maps an actor's slot through the visibility variable of the process that
-    started the node (docs/ascend.md), so setting it to the chosen ids here makes
-    each {"NPU": 1} actor see one of them.
+    started the node (docs/ascend.md#ray-pinning), so setting it to the chosen ids here
+    makes each {"NPU": 1} actor see one of them. Ray's NOSET variable, which Ray sets
+    for `ray job submit` drivers and Ascend setups carry, would leave every actor seeing
+    every chip: the private Ray starts without it.
     """
-    env, resources = {}, {}
+    env: dict[str, str | None] = {NOSET_NPU: None}
+    resources = {}
     kinds = {d.kind for d in devices}
     if "npu" in kinds:
         ids = [d.logical_id if d.logical_id is not None else d.id for d in devices]
@@ -79,7 +84,8 @@ def _start_local(ray, devices: list[Device]) -> None:
     if "cuda" in kinds:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.id) for d in devices)
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for k, v in env.items():  # None: unset while Ray starts
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     try:
         # address="local": a new private Ray even when a `ray start` cluster runs on this host.
         ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=len(devices) if "cuda" in kinds else 0,

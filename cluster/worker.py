@@ -15,11 +15,13 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-#: The variable Ray sets to pin an actor to its accelerator, by slot kind (docs/ascend.md).
+from tasks.errors import UserError
+
+#: The variable Ray sets to pin an actor to its accelerator, by slot kind (docs/ascend.md#ray-pinning).
 VISIBILITY_VARS = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
 
 
@@ -33,6 +35,11 @@ class WorkerPlace:
     kind: str  # the slot the actor holds: 'cpu' | 'cuda' | 'npu'
     threads: int  # the backend's CPU threads
     opencv_threads: int = 0  # OpenCV's pool in this process (cluster.placement.opencv_threads); 0: its default
+    chip: int | None = None  # the NPU's logical id that compute_device opens (pin_npu); None: no NPU opened
+
+
+class PinningError(UserError, RuntimeError):
+    """The NPU Ray assigned a worker is not one its process can see; one line."""
 
 
 class DeviceWorker:
@@ -42,6 +49,8 @@ class DeviceWorker:
     """
 
     def __init__(self, config) -> None:
+        if config.place.compute_device.startswith("npu"):
+            config = replace(config, place=pin_npu(config.place))
         self.config = config
         if config.place.opencv_threads:
             import cv2
@@ -151,7 +160,56 @@ def describe_placement(place: WorkerPlace) -> dict:
             # Simulated nodes share a hostname; the node id prefix tells them apart.
             "node": f"{host}/{node_id[:8]}" if node_id else host, "host": host, "node_ip": node_ip,
             "node_id": node_id, "pid": os.getpid(), "accelerator_ids": accelerator_ids,
-            "visible_devices": os.environ.get(var) if var else None, "threads": place.threads}
+            "visible_devices": os.environ.get(var) if var else None, "threads": place.threads,
+            "chip": place.chip}
+
+
+def pin_npu(place: WorkerPlace) -> WorkerPlace:
+    """``place`` opening the NPU Ray assigned this actor, whatever ASCEND_RT_VISIBLE_DEVICES lists.
+
+    Ray sets the variable to the one assigned chip, so the device is 0, unless
+    RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES was set where the node started
+    (``ray job submit`` drivers, many Ascend setups): then every actor sees every chip
+    and device 0 is the same chip for all (docs/ascend.md#ray-pinning).
+    """
+    _, _, accelerators = _ray_placement()
+    index = int(place.compute_device.partition(":")[2] or 0)
+    user, chip = npu_user_id(os.environ.get(VISIBILITY_VARS["npu"]), accelerators.get("NPU", []), index)
+    return replace(place, compute_device=f"npu:{user}", chip=chip)
+
+
+def npu_user_id(visible: str | None, assigned: Sequence[str], index: int = 0) -> tuple[int, int | None]:
+    """(the ACL device id to open, the logical id of that chip) in a process whose visibility variable
+    is ``visible`` and to which Ray ``assigned`` these NPU ids (none outside Ray: ``index`` is opened).
+
+    The variable lists logical ids and the process sees them as 0..k-1 in that order
+    (docs/ascend.md#device-ids); unset, device ids are the logical ids.
+    """
+    listed = _listed_ids(visible)
+    if not assigned:
+        if listed is None:
+            return index, index
+        return index, listed[index] if index < len(listed) else None
+    chip = int(assigned[0])
+    if listed is None:
+        return chip, chip
+    if chip not in listed:
+        raise PinningError(f"Ray assigned this worker NPU {chip} but its ASCEND_RT_VISIBLE_DEVICES={visible!r} "
+                           "does not list it: start the node's Ray with that variable listing the chips it "
+                           "schedules, or unset it there")
+    return listed.index(chip), chip
+
+
+def _listed_ids(visible: str | None) -> list[int] | None:
+    """The logical ids of ASCEND_RT_VISIBLE_DEVICES; CANN stops reading at the first entry that is not one."""
+    if visible is None:
+        return None
+    ids: list[int] = []
+    for part in visible.split(","):
+        if not part.isdigit():
+            break
+        ids.append(int(part))
+    return ids
 
 
 def _ray_placement() -> tuple[str, str, dict[str, list[str]]]:

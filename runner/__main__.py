@@ -4,33 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runner.config import ConfigError, load_config
-
-
-
-#: The errors a user can fix, by module. Only those of modules already imported are
-#: looked up: a class whose module never loaded cannot have been raised, and importing
-#: tasks.model or tasks.detector to name theirs would cost a failed command torch's import.
-USER_ERRORS = (
-    ("runner.config", "ConfigError"), ("runner.report", "ReportError"), ("cluster.devices", "DeviceError"),
-    ("cluster.errors", "ClusterError"), ("cluster.npu_smi", "NpuSmiUnavailable"), ("runner.errors", "RunError"),
-    ("runner.journal", "JournalMismatch"), ("tasks.backends.base", "BackendUnavailable"),
-    ("tasks.dataset", "DataError"), ("tasks.dataset", "ImageError"), ("tasks.export", "ExportError"),
-    ("tasks.model", "CheckpointError"), ("tasks.atc", "AtcError"), ("tasks.detector.darknet_cfg", "CfgError"),
-    ("tasks.detector.darknet_weights", "WeightsError"), ("tasks.detector.preprocess", "ImageError"),
-    ("tasks.evaluation", "EvaluatorError"),
-)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
+from runner.config import load_config
+from runner.errors import Interrupted
+from tasks.errors import UserError
 
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runner",
         description="AlphaPose FastPose over a COCO set on every device you name: keypoints.json, "
-                    "COCO mAP and a throughput table; --bs 1,4,8 sweeps. Other commands: doctor, report.")
+                    "COCO mAP, a throughput table and report.html; --bs 1,4,8 sweeps. Other commands: doctor, "
+                    "report, show, detect, bench.")
     p.add_argument("--config", help="YAML file of RunConfig keys (defaults: configs/default.yaml)")
     data = p.add_argument_group("data")
     data.add_argument("--dataroot", help="COCO root holding val2017/ and annotations/")
@@ -59,17 +43,43 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--uint8-input", action=argparse.BooleanOptionalAction, default=None,
                      help="send uint8 crops; the model normalises them (4x fewer bytes, same keypoints). "
                           "Default: on for onnxruntime and torch on cpu, off elsewhere")
+    run.add_argument("--allow-opencv-mismatch", action="store_true", default=None,
+                     help="run although this OpenCV's warpAffine differs from the pose crop's fixed-point rule "
+                          "(each worker checks at start; run.json records what it found)")
     run.add_argument("--om-batch", choices=["static", "dynamic"],
                      help="--backend om: one static OM per batch size (default) or one dynamic-batch OM "
                           "whose gears are the batch sizes (one ATC conversion for a sweep)")
     run.add_argument("--soc-version", metavar="SOC",
                      help="ATC soc_version of the NPUs, e.g. Ascend310P3 (default: from npu-smi, or Ray on a cluster)")
+    run.add_argument("--precision-mode", metavar="MODE",
+                     help="--backend om: ATC's --precision_mode (default force_fp16; allow_fp32_to_fp16, "
+                          "must_keep_origin_dtype, allow_mix_precision, ...) or a --precision_mode_v2 name "
+                          "(fp16, origin, mixed_float16, ...); each mode converts its own OM")
     run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",
                      help="speed of each --backend sim device, in network inputs per second (default 1000)")
     run.add_argument("--shard-size", type=int, help="boxes per shard (rounded up to whole batches)")
     run.add_argument("--threads", type=int, help="backend threads per worker (default: its share of cores)")
     run.add_argument("--prep-threads", type=int,
                      help="preprocessing threads per worker (default: sized to the host)")
+    add_queue_args(run)
+    run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
+    add_evaluation_args(p.add_argument_group("evaluation"))
+    add_output_args(p.add_argument_group("output"))
+    return p
+
+
+def add_evaluation_args(ev: argparse._ArgumentGroup) -> None:
+    """How the run's keypoints are scored and checked."""
+    ev.add_argument("--check-backend", choices=["torch", "onnxruntime", "openvino"],
+                    help="also run the first --check-boxes boxes through this backend on the CPU (torch: the "
+                         "checkpoint itself) and write OUT/parity.json, box by box, with a verdict")
+    ev.add_argument("--check-boxes", type=int, metavar="N", help="boxes of the parity check (default 64)")
+    ev.add_argument("--evaluator", choices=["auto", "faster-coco-eval", "pycocotools"],
+                    help="COCOeval implementation (default auto: faster-coco-eval where installed)")
+
+
+def add_queue_args(run: argparse._ArgumentGroup) -> None:
+    """When the shard queue gives up on a device or copies a late shard (cluster.queue)."""
     run.add_argument("--device-timeout", type=float, metavar="S",
                      help="a worker holding shards that returns nothing for S seconds is declared lost "
                           "(default: 10x the median shard time, at least 300; 0: never)")
@@ -78,20 +88,18 @@ def run_parser() -> argparse.ArgumentParser:
                           "idle worker; the first result wins (default 3; 0: never)")
     run.add_argument("--straggler-floor", type=float, metavar="S",
                      help="... and for at least S seconds (default 10)")
-    run.add_argument("--check-backend", choices=["torch", "onnxruntime", "openvino"],
-                     help="also run the first --check-boxes boxes through this backend on the CPU (torch: the "
-                          "checkpoint itself) and write OUT/parity.json, box by box, with a verdict")
-    run.add_argument("--check-boxes", type=int, metavar="N", help="boxes of the parity check (default 64)")
-    run.add_argument("--evaluator", choices=["auto", "faster-coco-eval", "pycocotools"],
-                     help="COCOeval implementation (default auto: faster-coco-eval where installed)")
-    run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
-    run.add_argument("--out", help="output directory (default: out)")
-    run.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in OUT")
-    run.add_argument("--overwrite", action="store_true", default=None, help="replace the results in OUT")
-    run.add_argument("--dump-heatmaps", action="store_true", default=None,
+
+
+def add_output_args(out: argparse._ArgumentGroup) -> None:
+    """Where a run writes and what it writes besides its results."""
+    out.add_argument("--out", help="output directory (default: out)")
+    out.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run in OUT")
+    out.add_argument("--overwrite", action="store_true", default=None, help="replace the results in OUT")
+    out.add_argument("--dump-heatmaps", action="store_true", default=None,
                      help="workers also write the merged heatmaps to OUT/heatmaps")
-    run.add_argument("--quiet", action="store_true", default=None)
-    return p
+    out.add_argument("--no-report", dest="report", action="store_false", default=None,
+                     help="write no OUT/report.html nor analysis.json (timeline.json is kept: milliseconds)")
+    out.add_argument("--quiet", action="store_true", default=None)
 
 
 def main_run(argv: list[str]) -> int:
@@ -99,7 +107,6 @@ def main_run(argv: list[str]) -> int:
 
     args = vars(run_parser().parse_args(argv))
     config_file = args.pop("config")
-    args["dataroot"], args["models_dir"] = args.pop("dataroot"), args.pop("models_dir")
     run(load_config(config_file, args))
     return 0
 
@@ -123,10 +130,22 @@ def main_bench(argv: list[str]) -> int:
 def main_doctor(argv: list[str]) -> int:
     from runner.doctor import doctor, format_doctor
 
-    argparse.ArgumentParser(prog="python -m runner doctor",
-                            description="What a run needs on this host, each ok or missing with the fix.").parse_args(argv)
-    checks = doctor()
-    print(format_doctor(checks))
+    p = argparse.ArgumentParser(prog="python -m runner doctor",
+                                description="What a run needs on this host, each ok or missing with the fix.")
+    p.add_argument("--bundle", metavar="FILE.tar.gz",
+                   help="also write what a first Atlas host sends back (docs/ascend.md#send-back): this table, "
+                        "npu-smi info and -m, versions, the ais_bench observations, the last run's run.json and "
+                        "ATC logs; no environment, no Ray token")
+    p.add_argument("--out", default="out", help="the run (or sweep) folder whose last run.json goes in (default out)")
+    p.add_argument("--models-dir", help="where that run's OM and ATC logs are (default: its run.json says)")
+    args = p.parse_args(argv)
+    table = format_doctor(doctor())
+    print(table)
+    if args.bundle:
+        from runner.bundle import write_bundle
+
+        names = write_bundle(args.bundle, args.out, args.models_dir, table + "\n")
+        print(f"\nwrote {args.bundle}: {', '.join(names)}")
     return 0
 
 
@@ -142,26 +161,42 @@ def main_report(argv: list[str]) -> int:
     return 0
 
 
+def main_show(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from runner.report_files import SHOW_IMAGES, show
+
+    p = argparse.ArgumentParser(prog="python -m runner show",
+                                description="PNGs of a saved run's images with its predicted skeletons drawn "
+                                            f"(and the GT's, paler): the named images, or the {SHOW_IMAGES} worst.")
+    p.add_argument("out", metavar="OUT", help="a run's output directory (a sweep's OUT/bs{N})")
+    p.add_argument("--images", nargs="+", type=int, metavar="ID", help="COCO image ids (default: the worst)")
+    p.add_argument("--out", dest="dest", metavar="DIR", help="where the PNGs go (default: OUT/show)")
+    args = p.parse_args(argv)
+    for path in show(Path(args.out), args.images, Path(args.dest) if args.dest else None):
+        print(path)
+    return 0
+
+
 def main_detect(argv: list[str]) -> int:
     from runner.detect import main_detect as detect
 
     return detect(argv)
 
 
-COMMANDS = {"doctor": main_doctor, "report": main_report, "detect": main_detect, "bench": main_bench}
+COMMANDS = {"doctor": main_doctor, "report": main_report, "detect": main_detect, "bench": main_bench,
+            "show": main_show}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = COMMANDS.get(argv[0]) if argv else None
-    from runner.errors import Interrupted
-
     try:
         return command(argv[1:]) if command else main_run(argv)
     except Interrupted as e:  # Ctrl-C: the journal is kept, --resume continues
         print(f"error: {e}", file=sys.stderr)
         return 130
-    except _user_errors() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

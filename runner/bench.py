@@ -36,7 +36,7 @@ from runner.driver import run
 from runner.errors import RunError
 from runner.inputs import load_inputs, prepare_model
 from runner.plan import settle
-from runner.journal import atomic_write_text
+from tasks.files import atomic_write_text
 from tasks.backends import open_backend
 from tasks.pipeline import network_inputs, prepare_batch, run_network, warm_up
 from tasks.dataset import read_rgb

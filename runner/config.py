@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from cluster.queue import DispatchPolicy
+from tasks.errors import UserError
 from tasks.evaluation import EVALUATORS
 
 #: Reference backends of a parity check (runner.parity): they run in the driver, on its CPU.
@@ -24,7 +25,7 @@ CHECK_BACKENDS = ("torch", "onnxruntime", "openvino")
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration value; one line naming the key and the fix."""
 
 
@@ -64,6 +65,7 @@ class ModelConfig:
     flip: FlipMode
     uint8_input: bool | None  # None: auto, settled in the run's plan (runner.plan)
     om_batch: str  # static (one OM per batch size) | dynamic (one OM, a gear per batch size)
+    precision_mode: str  # ATC's --precision_mode (or _v2) of an OM; part of its cache key
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class BackendConfig:
     threads: int  # per worker; 0: its share of the host's cores
     prep_threads: int  # per worker; 0: sized to the host (cluster.placement.prep_threads)
     sim_rate: float  # crops a second of a simulated device
+    allow_opencv_mismatch: bool  # run although OpenCV's warpAffine is not the pose crop's rule (tasks.opencv_check)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class OutputConfig:
     overwrite: bool
     dump_heatmaps: bool
     quiet: bool
+    report: bool = True  # timeline.json always; analysis.json and report.html unless false (--no-report)
 
 
 @dataclass(frozen=True)
@@ -114,14 +118,15 @@ class RunConfig:
 KEYS = {
     **{k: ("data", k) for k in ("dataroot", "dets", "boxes", "ann", "skip_missing_images", "synthetic", "seed",
                                 "detector_weights", "detector_cfg")},
-    **{k: ("model", k) for k in ("weights", "models_dir", "uint8_input", "om_batch")},
+    **{k: ("model", k) for k in ("weights", "models_dir", "uint8_input", "om_batch",
+                                 "precision_mode")},
     "backend": ("backend", "name"), "threads": ("backend", "threads"), "prep_threads": ("backend", "prep_threads"),
-    "sim_rate": ("backend", "sim_rate"),
+    "sim_rate": ("backend", "sim_rate"), "allow_opencv_mismatch": ("backend", "allow_opencv_mismatch"),
     **{k: ("cluster", k) for k in ("devices", "address", "soc_version")},
     "device_timeout": ("queue", "device_timeout_s"), "straggler_factor": ("queue", "straggler_factor"),
     "straggler_floor": ("queue", "straggler_floor_s"),
     **{k: ("evaluation", k) for k in ("evaluator", "check_backend", "check_boxes")},
-    **{k: ("output", k) for k in ("out", "resume", "overwrite", "dump_heatmaps", "quiet")},
+    **{k: ("output", k) for k in ("out", "resume", "overwrite", "dump_heatmaps", "quiet", "report")},
 }
 #: Flat keys that are not a section's field as they are: ``flip`` and ``fused_flip`` make one FlipMode.
 OTHER_KEYS = ("bs", "shard_size", "flip", "fused_flip")
@@ -211,6 +216,7 @@ def _check_choices(values: dict) -> None:
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
     if values["om_batch"] not in ("static", "dynamic"):
         raise ConfigError(f"om_batch: {values['om_batch']!r} is not static or dynamic")
+    check_precision_mode(values["precision_mode"])
     if values["om_batch"] == "dynamic" and not 2 <= len(set(values["bs"])) <= 100:
         # ATC's rule (its E10035): a dynamic-batch OM has 2 to 100 gears, the batch sizes.
         raise ConfigError(f"om_batch dynamic with bs {','.join(map(str, values['bs']))}: ATC builds a dynamic-batch "
@@ -218,9 +224,20 @@ def _check_choices(values: dict) -> None:
                           "--om-batch static")
 
 
+def check_precision_mode(mode) -> None:
+    """One of ATC's --precision_mode values, or a --precision_mode_v2 one (docs/ascend.md#precision-modes)."""
+    from tasks.atc import PRECISION_MODES, PRECISION_MODES_V2
+
+    if mode not in PRECISION_MODES + PRECISION_MODES_V2:
+        raise ConfigError(f"precision_mode: {mode!r} is not one of ATC's --precision_mode values "
+                          f"({', '.join(PRECISION_MODES)}) nor a --precision_mode_v2 one (CANN 7.0 on: "
+                          f"{', '.join(PRECISION_MODES_V2)})")
+
+
 def check_soc_version(soc) -> None:
-    """None (npu-smi or Ray names the chip), or an ATC soc_version."""
-    if soc is not None and not (isinstance(soc, str) and re.fullmatch(r"Ascend\w+", soc)):
+    """None (npu-smi or Ray names the chip), or an ATC soc_version: 'Ascend' and letters, digits, '_'
+    and inner hyphens (Ascend910B4-1, Ascend910_9392; docs/ascend.md#soc-version)."""
+    if soc is not None and not (isinstance(soc, str) and re.fullmatch(r"Ascend\w+(-\w+)*", soc)):
         raise ConfigError(f"soc_version: {soc!r} is not an ATC soc_version such as Ascend310P3 "
                           "(npu-smi info shows the chip name; ATC's is Ascend plus it)")
 

@@ -19,7 +19,7 @@ from tasks.cann import SET_ENV, SET_ENV_SCRIPTS  # torch-free: doctor runs on ho
 ALL = ("torch", "onnxruntime", "om")  # the backends; a check needed by every one lists them all
 # ais_bench's README links prebuilt wheels (cp37-cp312 since 2024-08) but says they are not the newest build.
 WHEELS = ("install the ais_bench and aclruntime wheels (not on PyPI: build them from source, or take the prebuilt "
-          "0.0.2 wheels ais_bench's README links, an older build; docs/ascend.md)")
+          "0.0.2 wheels ais_bench's README links, an older build; docs/ascend.md#install)")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Check:
     detail: str  # what was found, or what is wrong
     fix: str = ""  # what to do when not ok
     needed_for: tuple[str, ...] = ()  # backends ('om', 'onnxruntime', 'torch') or 'cuda' devices
+    warning: str = ""  # ok, but something a run treats with care (an NPU whose Health is not OK)
 
 
 def doctor() -> list[Check]:
@@ -45,6 +46,8 @@ def doctor() -> list[Check]:
         ("onnxruntime", ("onnxruntime", "om"), "pip install onnxruntime (onnxruntime-gpu for CUDA)", _onnxruntime),
         ("onnx export", ("onnxruntime", "om"), "pip install onnx onnxsim", _onnx_export),
         ("torch", ALL, "pip install torch", lambda: _module("torch")),
+        ("opencv warp", ALL, "install requirements.txt's opencv-python-headless, or run with "
+                             "--allow-opencv-mismatch", _opencv_warp),
         ("CUDA", ("cuda",), "a CUDA build of torch and an NVIDIA driver; or use --devices cpu / NPU ids", _cuda),
     ]
     checks = []
@@ -53,7 +56,8 @@ def doctor() -> list[Check]:
             check = probe()
         except Exception as e:  # noqa: BLE001 - doctor reports, it never stops
             check = Check(name, False, _first_line(f"{type(e).__name__}: {e}"))
-        checks.append(Check(name, check.ok, check.detail, check.fix or ("" if check.ok else fix), needed_for))
+        checks.append(Check(name, check.ok, check.detail, check.fix or ("" if check.ok else fix), needed_for,
+                            check.warning))
     return checks
 
 
@@ -61,9 +65,12 @@ def format_doctor(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
     lines = []
     for c in checks:
-        lines.append(f"{c.name:<{width}}  {'ok' if c.ok else 'MISSING':<7}  {c.detail}")
+        status = "MISSING" if not c.ok else "WARNING" if c.warning else "ok"
+        lines.append(f"{c.name:<{width}}  {status:<7}  {c.detail}")
         if not c.ok and c.fix:
             lines.append(f"{'':<{width}}  {'':<7}  fix: {c.fix}")
+        if c.warning:
+            lines.append(f"{'':<{width}}  {'':<7}  warning: {c.warning}")
     lines.append("")
     for backend in ALL:
         missing = [c.name for c in checks if backend in c.needed_for and not c.ok]
@@ -94,7 +101,32 @@ def _npu_smi() -> Check:
     socs = sorted({d.soc or "unknown soc: pass --soc-version" for d in npus})
     ids = ", ".join(str(d.id) for d in npus)
     return Check("npu-smi", True, f"{len(npus)} NPU(s): ids {ids} ({', '.join(sorted({d.name for d in npus}))}); "
-                                  f"ATC soc_version {', '.join(socs)}")
+                                  f"ATC soc_version {', '.join(socs)}{_chip_map_note(npus)}",
+                 warning=_health_warning(npus))
+
+
+def _health_warning(npus) -> str:
+    """Chips npu-smi does not call OK: ``--devices all`` leaves them out, named ids take them."""
+    from cluster.devices import unhealthy
+
+    bad = unhealthy(npus)
+    if not bad:
+        return ""
+    return (f"npu-smi info reports NPU {', '.join(f'{d.id} Health {d.health}' for d in bad)}: a run refuses it "
+            "unless --devices names it (docs/ascend.md#chip-health)")
+
+
+def _chip_map_note(npus) -> str:
+    """'; npu-smi info -m agrees' (or what differs): the cross-check of logical ids (docs/ascend.md#device-ids)."""
+    from cluster.devices import chip_map_disagreements, run_npu_smi
+    from cluster.npu_smi import parse_chip_map
+
+    try:
+        chip_map = parse_chip_map(run_npu_smi(["info", "-m"]))
+    except Exception as e:  # noqa: BLE001 - older drivers lack -m; the check is a cross-check only
+        return f"; npu-smi info -m not read ({_first_line(str(e))[:120]})"
+    differ = chip_map_disagreements(npus, chip_map)
+    return "; npu-smi info -m agrees" if not differ else f"; npu-smi info -m DISAGREES: {'; '.join(differ)}"
 
 
 def _cann_env() -> Check:
@@ -153,21 +185,57 @@ def _ais_bench() -> Check:
         from ais_bench.infer import interface
     except ImportError as e:
         return Check("ais_bench", False, _first_line(f"cannot import ais_bench.infer.interface: {e}"))
-    version, generation = _version("ais_bench", interface), ais_bench_generation(interface.InferSession)
-    return Check("ais_bench", True, f"{version}, {generation} ({Path(interface.__file__).parent})")
+    version, seen = _version("ais_bench", interface), ais_bench_observations(interface.InferSession)
+    return Check("ais_bench", True, f"{version}; {describe_observations(seen)} ({Path(interface.__file__).parent})")
 
 
-def ais_bench_generation(session_class: type) -> str:
-    """Which ais_bench API this is, from its InferSession class (no device needed); the OM backend takes all.
+def ais_bench_observations(session_class: type) -> dict:
+    """What this ais_bench and aclruntime have, read from their classes (no device, no session).
 
-    The 2024 source renamed ``sumary`` to ``summary`` in the commit (3ffe8a42) that made
-    ``exec_time_list`` entries (start, end) pairs; before it they are durations.
+    Observed, not inferred from a date: the OM backend decides each point the same way
+    from the session it opens (docs/ascend.md#ais_bench-sessions). The mode table is set
+    in InferSession's constructor, so it is read from the constructor's source; the
+    timing entry form from the aclruntime binding's signature of ``exec_time_list``.
     """
-    if hasattr(session_class, "summary"):
-        return "2024+ API: summary(), exec_time_list of (start, end) pairs, free_resource()"
-    if hasattr(session_class, "free_resource"):
-        return "2023 API (ait's benchmark): sumary(), exec_time_list of durations, no free_resource in aclruntime"
-    return "2023 API (Ascend/tools mirror): sumary(), exec_time_list of durations, no free_resource()"
+    import inspect
+
+    try:
+        infer = list(inspect.signature(session_class.infer).parameters)
+    except (TypeError, ValueError, AttributeError):
+        infer = None
+    try:  # the constructors of the class and its bases
+        table = any("infer_mode_switch" in inspect.getsource(k.__init__)
+                    for k in session_class.__mro__ if "__init__" in vars(k) and k is not object)
+    except (OSError, TypeError):
+        table = None  # a compiled build: seen when a session opens (devices.json)
+    methods = [m for m in ("summary", "sumary", "reset_summaryinfo", "reset_sumaryinfo", "set_dynamic_batchsize",
+                           "finalize") if hasattr(session_class, m)]
+    return {"methods": methods, "free_resource": hasattr(session_class, "free_resource"),
+            "infer_parameters": infer, "mode_table": table, "exec_time_list": _timing_form()}
+
+
+def _timing_form() -> str | None:
+    """'pairs' or 'durations', from the docstring pybind gives ``exec_time_list``; None when it says neither."""
+    import aclruntime
+
+    for value in vars(aclruntime).values():
+        prop = getattr(value, "exec_time_list", None) if isinstance(value, type) else None
+        doc = str(getattr(prop, "__doc__", "") or "")
+        if "Tuple[float, float]" in doc or "tuple[float, float]" in doc:
+            return "pairs"
+        if "List[float]" in doc or "list[float]" in doc:
+            return "durations"
+    return None
+
+
+def describe_observations(seen: dict) -> str:
+    """The observations as one line of the doctor's table."""
+    infer = "infer(" + ", ".join(seen["infer_parameters"]) + ")" if seen["infer_parameters"] else "infer: unreadable"
+    table = {True: "mode table (dymbatch by mode)", False: "no mode table (dymbatch by set_dynamic_batchsize)",
+             None: "mode table: not readable here"}[seen["mode_table"]]
+    form = {"pairs": "(start, end) pairs", "durations": "durations"}.get(seen["exec_time_list"], "not readable here")
+    return (f"{', '.join(m + '()' for m in seen['methods'])}; free_resource: "
+            f"{'yes' if seen['free_resource'] else 'no'}; {infer}; {table}; exec_time_list entries: {form}")
 
 
 def _onnxruntime() -> Check:
@@ -217,6 +285,16 @@ def _version(name: str, module) -> str:
 
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _opencv_warp() -> Check:
+    """The pose crop's warp on this OpenCV against its fixed-point rule (tasks.opencv_check), cached per build."""
+    import cv2
+
+    from tasks.opencv_check import cache_dir, checked_warp
+
+    mismatch = checked_warp(cache_dir())
+    return Check("opencv warp", mismatch is None, mismatch or f"OpenCV {cv2.__version__}: the fixed-point rule")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 A command runs every batch size of ``--bs`` with Ray and the workers started once; a
 single ``--bs`` is a sweep of one, written straight into OUT (a sweep writes
-``OUT/bs{N}/`` and a summary). Each batch size's run is four stages, each a function
+``OUT/bs{N}/`` and a summary). Each batch size's run is these stages, each a function
 a test can call alone:
 
     plan_batch  -> BatchPlan    the model file, the journal, the shards still to run
     execute     -> Executed     the workers ready, the shards run on them (cluster/)
     summarise   -> Summary      merge, records, OKS-NMS, parity, COCOeval, throughput
-    write       -> RunOutcome   keypoints, metrics, throughput and run.json, atomically
+    write       -> RunOutcome   keypoints, metrics and throughput, atomically
+    report                      timeline.json, analysis.json, report.html (runner.report_files)
+    write_run                   run.json, last: its phases include the report's
 
 Finished shards are journalled for ``--resume`` as they arrive.
 """
@@ -37,9 +39,14 @@ from runner.parity import check_parity
 from runner.plan import RunPlan, settle
 from runner.progress import Progress
 from runner.report import write_summary
+from runner.report_files import REPORT_SCOPE, RunRecord, write_report, write_sweep_index
 from tasks.dataset import BoxSet
 from tasks.evaluation import PoseColumns, evaluate_keypoints, nms_rows, pose_columns
-from tasks.spec import file_sha256
+from tasks.files import file_sha256
+
+
+#: The network every run computes (run.json, the report's title).
+MODEL_NAME = "FastPose ResNet-50 256x192"
 
 
 @dataclass
@@ -92,7 +99,10 @@ def run_batch_size(cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorP
         log(f"bs {bs}: finished before, kept ({out})")
         return load_outcome(out)
     executed = execute(batch, cfg, plan, session, pool, log)
-    outcome = write(batch, executed, summarise(batch, executed, cfg, plan, log), cfg, plan)
+    summary = summarise(batch, executed, cfg, plan, log)
+    outcome = write(batch, summary)
+    report(batch, executed, summary, outcome, cfg, plan)
+    write_run(batch, executed, summary, cfg, plan, outcome.throughput)
     if len(cfg.bs) > 1:
         totals = outcome.throughput["totals"]
         log(f"bs {bs}: {format_metrics(outcome.metrics).splitlines()[0]}, sum of device fps "
@@ -108,6 +118,10 @@ def finish(cfg: RunConfig, out: Path, outcomes: list[RunOutcome], laps: Laps, lo
         log(write_summary(out, [load_run(batch_dir(out, bs)) for bs in sorted(cfg.bs)]))
         log(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary.json'}, "
             f"{out / 'throughput.png'}")
+        if cfg.output.report:
+            log(f"report: {write_sweep_index(out, cfg.bs)}")
+        else:
+            (out / "report.html").unlink(missing_ok=True)  # an earlier sweep's index would link stale pages
         return
     (outcome,) = outcomes
     run_seconds = laps.seconds.pop("run")
@@ -191,7 +205,8 @@ def fingerprint(cfg: RunConfig, plan: RunPlan, inputs: Inputs, bs: int, model_pa
             "shard_boxes": per_shard, "flip": plan.flip, "fused_flip": plan.variant.fused_flip,
             "uint8_input": plan.variant.uint8_input, "model_file": model.name if model else "",
             "model_sha256": file_sha256(str(model)) if own_file else "", "soc_version": plan.soc_version,
-            "device_kinds": sorted({d.kind for d in plan.devices}), "runner_version": runner.__version__}
+            "precision_mode": plan.precision_mode, "device_kinds": sorted({d.kind for d in plan.devices}),
+            "runner_version": runner.__version__}
 
 
 # ---------------------------------------------------------------- execute
@@ -269,7 +284,7 @@ def ready_workers(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Sess
     dump_dir = str((batch.out / "heatmaps").resolve()) if cfg.output.dump_heatmaps else None
     if not pool.started:
         described = pool.start(lambda p: worker_config(p, batch, cfg, plan, session, dump_dir))
-        log("workers: " + ", ".join(f"{d['device']} pid {d['pid']} on {d['node']}" for d in described))
+        log("workers: " + ", ".join(f"{d['device']}{_chip_note(d)} pid {d['pid']} on {d['node']}" for d in described))
     else:
         for label, why in pool.call_all("set_batch", batch.model_path, batch.bs, dump_dir).items():
             log(f"device {label} lost (it could not switch to bs {batch.bs}: {why}); the others go on")
@@ -281,12 +296,18 @@ def ready_workers(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Sess
     return described
 
 
+def _chip_note(described: dict) -> str:
+    """' (chip 3)': the NPU a worker opened, as the worker found it (cluster.worker.pin_npu)."""
+    return "" if described.get("chip") is None else f" (chip {described['chip']})"
+
+
 def worker_config(p: Placement, batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session,
                   dump_dir: str | None) -> WorkerConfig:
     prep = prep_threads(cfg.backend.prep_threads, p.compute_device, plan.backend, session.cpus_per_worker)
     place = p.place(opencv_threads=opencv_threads(prep, p.compute_device, plan.backend, session.cpus_per_worker))
     return WorkerConfig(place=place, model_path=batch.model_path, batch_size=batch.bs, prep_threads=prep,
-                        flip=plan.flip, dump_dir=dump_dir, variant=plan.variant, sim_rate=cfg.backend.sim_rate)
+                        flip=plan.flip, dump_dir=dump_dir, variant=plan.variant, sim_rate=cfg.backend.sim_rate,
+                        allow_opencv_mismatch=cfg.backend.allow_opencv_mismatch)
 
 
 # ---------------------------------------------------------------- summarise
@@ -368,8 +389,9 @@ def run_throughput(batch: BatchPlan, executed: Executed) -> dict:
 # ---------------------------------------------------------------- write
 
 
-def write(batch: BatchPlan, executed: Executed, summary: Summary, cfg: RunConfig, plan: RunPlan) -> RunOutcome:
-    """The run's files, each atomically; a resume that computed nothing keeps its throughput and run.json."""
+def write(batch: BatchPlan, summary: Summary) -> RunOutcome:
+    """The run's result files, each atomically; a resume that computed nothing keeps its throughput.
+    run.json comes last (``write_run``), after the report."""
     out, laps = batch.out, batch.laps
     write_results(out / "keypoints.json", summary.columns, summary.kept, summary.scores)
     laps.mark("write_keypoints")
@@ -379,10 +401,32 @@ def write(batch: BatchPlan, executed: Executed, summary: Summary, cfg: RunConfig
         tp = json.loads((out / "throughput.json").read_text())
     else:
         write_json(out / "throughput.json", tp)
-        laps.mark("write_metrics_throughput")
-        write_json(out / "run.json", run_record(batch, executed, cfg, plan, tp))
-    laps.mark("write_run")
+    laps.mark("write_metrics_throughput")
     return RunOutcome(out, summary.metrics, tp, list(tp.get("lost_devices", [])), laps.seconds)
+
+
+def report(batch: BatchPlan, executed: Executed, summary: Summary, outcome: RunOutcome, cfg: RunConfig,
+           plan: RunPlan) -> None:
+    """timeline.json, and unless --no-report analysis.json and report.html: the phase ``report``,
+    after the dispatch window (runner.report_files)."""
+    box_set = batch.inputs.box_set
+    record = RunRecord(
+        out=batch.out, title=f"{MODEL_NAME} · {plan.backend} · bs {batch.bs} · {batch.out.name}", bs=batch.bs,
+        results=list(batch.done.values()) + executed.fresh, described=executed.described,
+        dispatch=executed.report, shard_boxes={s.id: len(s.boxes) for s in batch.shards},
+        run_start=executed.first_dispatch, resumed=cfg.output.resume, metrics=outcome.metrics,
+        throughput=outcome.throughput, wall_seconds=time.time() - batch.started, backend=plan.backend)
+    write_report(record, cfg.output.report, lambda: summary.columns.records(summary.kept, summary.scores),
+                 box_set.image_paths, box_set.ann_file, cfg.evaluation.evaluator)
+    batch.laps.mark("report")
+
+
+def write_run(batch: BatchPlan, executed: Executed, summary: Summary, cfg: RunConfig, plan: RunPlan,
+              tp: dict) -> None:
+    """run.json, the last file: a resume that computed nothing keeps the one there."""
+    if summary.throughput is not None or not (batch.out / "run.json").exists():
+        write_json(batch.out / "run.json", run_record(batch, executed, cfg, plan, tp))
+    batch.laps.mark("write_run")
 
 
 def run_record(batch: BatchPlan, executed: Executed, cfg: RunConfig, plan: RunPlan, tp: dict) -> dict:
@@ -392,13 +436,19 @@ def run_record(batch: BatchPlan, executed: Executed, cfg: RunConfig, plan: RunPl
         "config": flat(cfg), "bs": batch.bs, "backend": plan.backend, "model_path": batch.model_path,
         "plan": {"backend": plan.backend, "flip": plan.flip, "fused_flip": plan.variant.fused_flip,
                  "uint8_input": plan.variant.uint8_input, "om_gears": list(plan.gears or ()),
-                 "soc_version": plan.soc_version},
-        "model": {"name": "FastPose ResNet-50 256x192", "file": Path(batch.model_path).name},
+                 "soc_version": plan.soc_version, "precision_mode": plan.precision_mode},
+        "model": {"name": MODEL_NAME, "file": Path(batch.model_path).name},
         "devices": executed.described,
         "device_specs": [{"kind": d.kind, "id": d.id, "name": d.name, "soc": d.soc} for d in plan.devices],
         "versions": versions(), "weights": inputs.weights, "weights_sha256": journal.fingerprint["weights_sha256"],
         "box_source": inputs.box_set.source, "box_source_sha256": journal.fingerprint["box_source_sha256"],
         "boxes": len(inputs.box_set.boxes), "skipped_boxes": len(inputs.box_set.skipped),
+        "images_dir": images_dir(inputs.box_set),
         "started": batch.started, "finished": finished, "started_iso": iso_time(batch.started),
         "finished_iso": iso_time(finished), "phases_seconds": dict(batch.laps.seconds),
-        "driver_peak_rss_mb": peak_rss_mb(), "timing_scope": dict(tp["labels"], **TIMING_SCOPE)}
+        "driver_peak_rss_mb": peak_rss_mb(), "timing_scope": dict(tp["labels"], **TIMING_SCOPE, **REPORT_SCOPE)}
+
+
+def images_dir(box_set: BoxSet) -> str | None:
+    """The folder of the run's images (``runner show`` finds them there)."""
+    return str(Path(next(iter(box_set.image_paths.values()))).parent) if box_set.image_paths else None

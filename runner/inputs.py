@@ -5,7 +5,6 @@ the run before any worker starts, with nothing written.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from runner.errors import RunError
 from runner.plan import RunPlan
 from tasks.dataset import BoxSet, DataError, load_boxes, missing_images, read_rgb
 from tasks.export import ExportOptions, export_onnx
+from tasks.files import atomic_file
 from tasks.pipeline import prepare_batch
 
 CHECKPOINT_HELP = ("fast_res50_256x192.pth (162,603,012 bytes, sha256 "
@@ -50,10 +50,9 @@ def random_checkpoint(models_dir: str, seed: int) -> str:
 
         from tasks.model import build_fastpose
 
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_suffix(".tmp")
-        torch.save(build_fastpose(seed=seed).state_dict(), tmp)
-        os.replace(tmp, weights)
+        # Runs sharing a fresh models dir may write it at once: each whole, the same bytes.
+        with atomic_file(weights, "wb") as f:
+            torch.save(build_fastpose(seed=seed).state_dict(), f)
     return str(weights)
 
 
@@ -127,7 +126,8 @@ def prepare_model(cfg: RunConfig, plan: RunPlan, weights: str, box_set: BoxSet, 
         # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
         layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
         batch = {"gears": plan.gears} if plan.gears else {"batch_size": bs}
-        return str(convert_to_om(onnx, models_dir, plan.soc_version, **batch, **layout).resolve())
+        return str(convert_to_om(onnx, models_dir, plan.soc_version, **batch, **layout,
+                                 precision_mode=plan.precision_mode).resolve())
     raise RunError(f"unknown backend {backend!r}")
 
 

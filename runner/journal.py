@@ -1,44 +1,22 @@
 """Finished shards on disk, so that ``--resume`` skips them after a crash or Ctrl-C.
 
-One file per shard, written to a temp name and renamed: a shard is either
-journalled whole or not at all. ``fingerprint.json`` ties the journal to the
+One file per shard, written whole or not at all (``tasks.files.atomic_file``). ``fingerprint.json`` ties the journal to the
 inputs and options that decide the numbers; resuming with others is refused.
 """
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from cluster.actor import ShardResult
+from tasks.errors import UserError
+from tasks.files import atomic_file, atomic_write_text
 
 
-class JournalMismatch(ValueError):
+class JournalMismatch(UserError, ValueError):
     pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_parts(path, [text])
-
-
-def atomic_write_parts(path: Path, parts: Iterable[str]) -> None:
-    """``parts`` written one after the other to a temporary file, then renamed to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # nothing half-written is left behind
-        raise
-    os.replace(tmp, path)
 
 
 class Journal:
@@ -55,7 +33,7 @@ class Journal:
     def start(self, resume: bool) -> dict[int, ShardResult]:
         """Shards already done (when resuming); a fresh journal otherwise."""
         stamp = self.dir / "fingerprint.json"
-        # A shard interrupted while being journalled leaves only its temp file behind.
+        # A shard interrupted while being journalled (a killed driver) leaves only its temp file behind.
         for partial in self.dir.glob(".shard-*.tmp"):
             partial.unlink(missing_ok=True)
         if resume and stamp.exists():
@@ -76,12 +54,10 @@ class Journal:
         for path in sorted(self.dir.glob("shard-*.npz")):
             with np.load(path) as z:
                 meta = json.loads(str(z["meta"]))
-                # A journal older than the latency figures has no call_seconds and no host_seconds:
-                # its shards load with none (ShardResult's defaults) and count as no calls timed.
-                timed = {"call_seconds": z["call_seconds"]} if "call_seconds" in z.files else {}
                 done[meta["shard_id"]] = ShardResult(
                     box_ids=z["box_ids"], keypoints=z["keypoints"], crop_boxes=z["crop_boxes"],
-                    skipped=[tuple(s) for s in meta.pop("skipped")], **timed, **meta)
+                    call_seconds=z["call_seconds"], call_starts=z["call_starts"],
+                    skipped=[tuple(s) for s in meta.pop("skipped")], **meta)
         return done
 
     def add(self, r: ShardResult) -> None:
@@ -89,11 +65,7 @@ class Journal:
                 "calls": r.calls, "device_seconds": r.device_seconds, "busy_seconds": r.busy_seconds,
                 "bytes_to_device": r.bytes_to_device, "bytes_from_device": r.bytes_from_device,
                 "started": r.started, "finished": r.finished, "host_seconds": r.host_seconds}
-        path = self.dir / f"shard-{r.shard_id:06d}.npz"
-        tmp = self.dir / f".shard-{r.shard_id:06d}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_file(self.dir / f"shard-{r.shard_id:06d}.npz", "wb") as f:
             np.savez(f, box_ids=r.box_ids, keypoints=r.keypoints, crop_boxes=r.crop_boxes,
-                     call_seconds=np.asarray(r.call_seconds, np.float32), meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+                     call_seconds=np.asarray(r.call_seconds, np.float32),
+                     call_starts=np.asarray(r.call_starts, np.float64), meta=np.array(json.dumps(meta)))

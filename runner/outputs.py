@@ -14,12 +14,14 @@ import numpy as np
 
 from runner.config import OutputConfig
 from runner.errors import RunError
-from runner.journal import atomic_write_parts, atomic_write_text
+from tasks.files import atomic_write_parts, atomic_write_text
 from tasks.evaluation import STAT_NAMES, PoseColumns
 
 
 #: The files of one finished run; --resume keeps a batch size that has them all.
 RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json")
+#: What a run's report adds (runner.report_files); at a sweep's top, report.html is its index.
+REPORT_FILES = ("timeline.json", "analysis.json", "report.html")
 #: What a sweep adds to OUT (runner.report.write_summary).
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.json", "throughput.png")
 
@@ -31,7 +33,7 @@ def prepare_out(out: Path, output: OutputConfig, sweep: bool = False) -> Path:
         raise RunError(f"{out}: exists and is not empty; pass --resume to continue that run, "
                        "--overwrite to replace it, or another --out")
     if out.exists() and output.overwrite and not output.resume:
-        for name in (*RUN_FILES, "devices.json", "parity.json", *(SUMMARY_FILES if sweep else ())):
+        for name in (*RUN_FILES, *REPORT_FILES, "devices.json", "parity.json", *(SUMMARY_FILES if sweep else ())):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "journal", ignore_errors=True)
         shutil.rmtree(out / "heatmaps", ignore_errors=True)
@@ -128,7 +130,7 @@ TIMING_SCOPE = {
     "phases_seconds": "the driver's wall seconds per phase of this batch size, in order, up to writing run.json: "
                       "model (conversion or cache), journal_and_shards, workers (start or switch), dispatch_window, "
                       "merge_and_records, oks_nms, parity (--check-backend), evaluation, write_keypoints, "
-                      "write_metrics_throughput, write_run",
+                      "write_metrics_throughput, report (timeline, analysis, report.html), write_run",
     "driver_peak_rss_mb": "the driver process's peak resident memory so far (MiB)",
 }
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cluster.devices import Device
 from runner.config import RunConfig
 from runner.errors import RunError
-from tasks.deploy import Variant
+from tasks.variant import Variant
 
 #: Backends whose uint8-input model gives the float model's keypoints bit for bit on a CPU
 #: (tests/test_throughput.py). OpenVINO's differs in the 7th digit; on an NPU, ATC's default
@@ -26,6 +26,7 @@ class RunPlan:
     gears: tuple[int, ...] | None  # a dynamic-batch OM's: the command's batch sizes; None: one static OM per size
     devices: tuple[Device, ...]
     soc_version: str | None  # the chip the OM is built for; None when the backend is not om
+    precision_mode: str | None = None  # ATC's precision mode of the OM; None when the backend is not om
 
 
 def settle(cfg: RunConfig, devices: list[Device]) -> RunPlan:
@@ -33,9 +34,11 @@ def settle(cfg: RunConfig, devices: list[Device]) -> RunPlan:
     uint8 = cfg.model.uint8_input
     if uint8 is None:
         uint8 = uint8_input_auto(backend, devices)
-    gears = tuple(sorted(set(cfg.bs))) if backend == "om" and cfg.model.om_batch == "dynamic" else None
+    om = backend == "om"
+    gears = tuple(sorted(set(cfg.bs))) if om and cfg.model.om_batch == "dynamic" else None
     return RunPlan(backend, Variant(fused_flip=cfg.model.flip.fused, uint8_input=uint8), cfg.model.flip.flip,
-                   gears, tuple(devices), soc_version(devices) if backend == "om" else None)
+                   gears, tuple(devices), soc_version(devices) if om else None,
+                   cfg.model.precision_mode if om else None)
 
 
 def choose_backend(name: str, devices: list[Device]) -> str:

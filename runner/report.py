@@ -12,11 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.journal import atomic_write_text
+from tasks.errors import UserError
+from tasks.files import atomic_write_text
 from tasks.compare import compare_results
+from tasks.keypoint_errors import ERROR_CLASSES, KEYPOINT_NAMES, diff_analyses
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A directory that holds no saved run; one line for the user."""
 
 
@@ -226,8 +228,34 @@ def compare(base: list[SavedRun], other: list[SavedRun]) -> list[dict]:
                      "sum_device_fps_ratio": ratio("sum_device_fps"),
                      "e2e_boxes_per_s_ratio": ratio("e2e_boxes_per_s"),
                      "e2e_crops_per_s_ratio": ratio("e2e_crops_per_s"),
-                     "keypoints": keypoint_comparison(b, r)})
+                     "keypoints": keypoint_comparison(b, r), "keypoint_errors": keypoint_error_comparison(b, r)})
     return rows
+
+
+def keypoint_error_comparison(base: SavedRun, other: SavedRun) -> dict | None:
+    """Per joint, other - base of the coco-analyze error classes (``tasks.keypoint_errors.diff_analyses``);
+    None unless both runs wrote an analysis.json."""
+    a, b = base.dir / "analysis.json", other.dir / "analysis.json"
+    if not (a.is_file() and b.is_file()):
+        return None
+    return diff_analyses(json.loads(a.read_text()), json.loads(b.read_text()))
+
+
+def format_keypoint_errors(rows: list[dict]) -> str | None:
+    """Per batch size with both analyses: per joint the change of each error class's share (points of
+    percent, other - base) and of the median error in pixels."""
+    parts = []
+    for r in rows:
+        diff = r.get("keypoint_errors")
+        if diff is None:
+            continue
+        head = ["joint", *[f"{c} %" for c in ERROR_CLASSES], "median px"]
+        body = [[name, *[_fig(None if (v := diff["joints"][name][f"{c}_fraction"]) is None else 100 * v, "+.1f")
+                         for c in ERROR_CLASSES], _fig(diff["joints"][name]["median_error_px"], "+.2f")]
+                for name in KEYPOINT_NAMES]
+        parts.append(f"bs {r['bs']}: per joint, other - base (coco-analyze classes, share of the joints):\n"
+                     + format_table(head, body))
+    return "\n".join(parts) or None
 
 
 def keypoint_comparison(base: SavedRun, other: SavedRun) -> dict | None:
@@ -266,8 +294,8 @@ def format_compare(base_name: str, other_name: str, rows: list[dict]) -> str:
     if not body:
         return f"{other_name} vs {base_name}: no batch size in common"
     text = f"{other_name} vs {base_name} (other / base):\n" + format_table(head, body)
-    keypoints = format_keypoint_compare(rows)
-    return text if keypoints is None else text + "\n" + keypoints
+    extra = [t for t in (format_keypoint_compare(rows), format_keypoint_errors(rows)) if t is not None]
+    return "\n".join([text, *extra])
 
 
 def _name(path: str, runs: list[SavedRun]) -> str:

@@ -1,7 +1,11 @@
-"""ONNX -> OM with Huawei's ATC, cached by ONNX hash, soc_version and batch (docs/ascend.md).
+"""ONNX -> OM with Huawei's ATC, cached by ONNX hash, soc_version, batch and precision mode (docs/ascend.md#atc).
 
     atc_command(onnx, output_stem, soc)            the argv, exactly the published recipe
     convert_to_om(onnx, models_dir, soc, bs)       the cached OM; runs `atc` when it is missing
+    atc_version(exe)                               the CANN compiler version beside an `atc`
+
+A cached OM is used only when its sidecar records the same ATC argv (output path
+aside) and the same CANN version: an upgraded toolkit converts again.
 
 Both default to FastPose's input (``image``, 3x256x192); another network (the
 YOLOv3-SPP detector: ``input``, 3x608x608) passes ``input_name`` and ``input_chw``.
@@ -21,34 +25,46 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.cann import SET_ENV
+from tasks.errors import UserError
 from tasks.export import INPUT_NAME
-from tasks.spec import FASTPOSE, file_sha256
+from tasks.files import atomic_write_text, file_sha256, move_into_place
+from tasks.spec import FASTPOSE
 
 SUCCESS_LINE = "ATC run success, welcome to the next use."
 #: Gears of a dynamic-batch OM when none are given (ATC's own example).
 DEFAULT_GEARS = (1, 2, 4, 8, 16)
 #: FastPose's input without the batch: the default of atc_command and convert_to_om.
 FASTPOSE_CHW = (3, *FASTPOSE.input_hw)
-# 'E10007: ...', 'EZ3003: ...', 'EC0010: [PID: 1] ...': error codes start a line (docs/ascend.md).
+#: ATC's default --precision_mode: the run records it, the argv leaves it to ATC.
+DEFAULT_PRECISION = "force_fp16"
+#: ATC's --precision_mode values (docs/ascend.md#precision-modes).
+PRECISION_MODES = ("force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype", "allow_mix_precision",
+                   "force_fp32", "allow_mix_precision_fp16", "allow_mix_precision_bf16", "allow_fp32_to_bf16")
+#: --precision_mode_v2 values, for CANN versions that replaced --precision_mode (7.0 on).
+PRECISION_MODES_V2 = ("fp16", "origin", "cube_fp16in_fp32out", "mixed_float16", "mixed_bfloat16",
+                      "mixed_hif8", "cube_hif8")
+# 'E10007: ...', 'EZ3003: ...', 'EC0010: [PID: 1] ...': error codes start a line (docs/ascend.md#atc).
 _ERROR_CODE = re.compile(r"^\s*(E[0-9A-Z]\d{4}):")
 _LOADER_ERROR = "error while loading shared libraries"
 
 
-class AtcError(RuntimeError):
+class AtcError(UserError, RuntimeError):
     """ATC is missing, failed, or made no single OM; the message is one line."""
 
 
 def atc_command(onnx_path: str | Path, output_stem: str | Path, soc_version: str,
                 batch_size: int | None = None, gears: Sequence[int] | None = None, *,
                 input_name: str = INPUT_NAME, input_chw: Sequence[int] = FASTPOSE_CHW,
-                input_format: str = "NCHW") -> list[str]:
-    """The `atc` argv that turns ``onnx_path`` into ``output_stem``.om (docs/ascend.md).
+                input_format: str = "NCHW", precision_mode: str = DEFAULT_PRECISION) -> list[str]:
+    """The `atc` argv that turns ``onnx_path`` into ``output_stem``.om (docs/ascend.md#atc).
 
     ``batch_size`` makes a static OM; ``None`` a dynamic-batch one with ``gears``
     (default 1,2,4,8,16). ``output_stem`` has no ``.om``: ATC appends it.
     ``input_name`` and ``input_chw`` name the graph's one input (default FastPose's);
     ``input_format`` ND for an input that is not NCHW (the uint8 NHWC crops of
-    ``tasks.deploy``'s uint8 variant, normalised in the graph).
+    ``tasks.deploy``'s uint8 variant, normalised in the graph). ``precision_mode``: one of
+    ``PRECISION_MODES`` (``--precision_mode``) or ``PRECISION_MODES_V2``
+    (``--precision_mode_v2``); the default is left to ATC, so the recipe's argv is unchanged.
 
     Examples:
         >>> atc_command("m.onnx", "m_bs16", "Ascend310P3", 16)[4:6]
@@ -68,15 +84,31 @@ def atc_command(onnx_path: str | Path, output_stem: str | Path, soc_version: str
         argv.append(f"--dynamic_batch_size={','.join(str(g) for g in _gears(gears))}")
     elif gears is not None:
         raise ValueError(f"gears {list(gears)} are for a dynamic-batch OM; give batch_size=None with them")
-    return argv + [f"--soc_version={soc_version}", "--log=error"]
+    return argv + precision_flags(precision_mode) + [f"--soc_version={soc_version}", "--log=error"]
+
+
+def precision_flags(mode: str) -> list[str]:
+    """ATC's flag for ``mode``: none for its default, ``--precision_mode`` or ``--precision_mode_v2``."""
+    if mode == DEFAULT_PRECISION:
+        return []
+    if mode in PRECISION_MODES:
+        return [f"--precision_mode={mode}"]
+    if mode in PRECISION_MODES_V2:
+        return [f"--precision_mode_v2={mode}"]
+    raise ValueError(f"precision mode {mode!r}: ATC's --precision_mode takes {', '.join(PRECISION_MODES)}; "
+                     f"--precision_mode_v2 (CANN 7.0 on) {', '.join(PRECISION_MODES_V2)}")
 
 
 def om_stem(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
-            gears: Sequence[int] | None = None, sha256: str | None = None) -> Path:
-    """``models_dir/<onnx stem>-<onnx sha256[:12]>-<soc>-b16`` (or ``-g1_2_4``); no ``.om``."""
+            gears: Sequence[int] | None = None, sha256: str | None = None,
+            precision_mode: str = DEFAULT_PRECISION) -> Path:
+    """``models_dir/<onnx stem>-<onnx sha256[:12]>-<soc>-b16`` (or ``-g1_2_4``), then ``-<precision mode>``
+    unless it is ATC's default; no ``.om``."""
     sha = sha256 or file_sha256(str(onnx_path))
     tag = f"b{_positive(batch_size)}" if batch_size is not None else "g" + "_".join(str(g) for g in _gears(gears))
-    return Path(models_dir) / f"{Path(onnx_path).stem}-{sha[:12]}-{soc_version}-{tag}"
+    precision_flags(precision_mode)  # an unknown mode names no file
+    mode = "" if precision_mode == DEFAULT_PRECISION else f"-{precision_mode}"
+    return Path(models_dir) / f"{Path(onnx_path).stem}-{sha[:12]}-{soc_version}-{tag}{mode}"
 
 
 def find_om(stem: Path) -> Path | None:
@@ -89,7 +121,8 @@ def find_om(stem: Path) -> Path | None:
 
 def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
                   gears: Sequence[int] | None = None, timeout: float = 3600, *, input_name: str = INPUT_NAME,
-                  input_chw: Sequence[int] = FASTPOSE_CHW, input_format: str = "NCHW") -> Path:
+                  input_chw: Sequence[int] = FASTPOSE_CHW, input_format: str = "NCHW",
+                  precision_mode: str = DEFAULT_PRECISION) -> Path:
     """The OM of ``onnx_path`` for ``soc_version``; ATC runs only when it is not cached.
 
     Static with ``batch_size``, dynamic-batch with ``gears`` when ``batch_size`` is None.
@@ -102,29 +135,33 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
     if not onnx_path.is_file():
         raise AtcError(f"ONNX model {onnx_path} not found")
     sha = file_sha256(str(onnx_path))
-    stem = om_stem(onnx_path, models_dir, soc_version, batch_size, gears, sha)
+    stem = om_stem(onnx_path, models_dir, soc_version, batch_size, gears, sha, precision_mode)
     want = {"name": input_name, "shape": [batch_size or -1, *(int(d) for d in input_chw)]}
-    cached = find_om(stem)
-    # The name keys ONNX, soc and batch; the sidecar also says which input ATC was told.
-    if cached is not None and _sidecar_input(cached) == want:
-        return cached
     exe = shutil.which("atc")
+    version = atc_version(exe) if exe else None
+    key = cache_key(atc_command(onnx_path, stem, soc_version, batch_size, gears, input_name=input_name,
+                                input_chw=input_chw, input_format=input_format, precision_mode=precision_mode), sha)
+    cached = find_om(stem)
+    # The name keys ONNX, soc, batch and precision; the sidecar the rest of the argv and CANN's version.
+    # Without atc on PATH the version cannot be told, and nothing could convert again anyway.
+    if cached is not None and _cached_fits(cached, want, key, version if exe else _ANY):
+        return cached
     if exe is None:
         raise AtcError(f"atc not found on PATH: source {SET_ENV} (CANN's set_env.sh), "
                        "or install the CANN toolkit that provides it")
     stem.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=stem.parent, prefix=f".atc-{stem.name}-"))
     try:
-        argv = atc_command(onnx_path, work / stem.name, soc_version, batch_size, gears,
-                           input_name=input_name, input_chw=input_chw, input_format=input_format)
+        argv = atc_command(onnx_path, work / stem.name, soc_version, batch_size, gears, input_name=input_name,
+                           input_chw=input_chw, input_format=input_format, precision_mode=precision_mode)
         made = _run_atc([exe, *argv[1:]], work, stem.name, stem.parent / f"{stem.name}.atc.log", timeout)
         om = stem.parent / made.name
-        os.replace(made, om)
-        # ais_bench refuses group/other-writable model files (docs/ascend.md).
-        os.chmod(om, 0o644)
+        # ais_bench refuses group/other-writable model files (docs/ascend.md#ais_bench-sessions).
+        os.chmod(made, 0o644)
+        move_into_place(made, om)
         info = {"onnx": str(onnx_path), "onnx_sha256": sha, "soc_version": soc_version,
                 "batch_size": batch_size, "gears": None if batch_size is not None else list(_gears(gears)),
-                "input": want,
+                "input": want, "precision_mode": precision_mode, "atc_version": version, "atc_key": key,
                 "atc": argv}
         _write_json(om.with_suffix(".json"), info)
         return om
@@ -133,7 +170,7 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
 
 
 def _run_atc(argv: list[str], work: Path, name: str, log: Path, timeout: float) -> Path:
-    """Run ATC in ``work``, its output to ``log``; the single OM it made, or AtcError (docs/ascend.md)."""
+    """Run ATC in ``work``, its output to ``log``; the single OM it made, or AtcError (docs/ascend.md#atc)."""
     try:
         proc = subprocess.run(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace", timeout=timeout)
@@ -162,11 +199,65 @@ def _run_atc(argv: list[str], work: Path, name: str, log: Path, timeout: float) 
     raise AtcError(f"atc failed (exit status {proc.returncode}) for {name}: {why}; full output: {log}")
 
 
-def _sidecar_input(om: Path) -> dict | None:
+_ANY = object()  # a version that matches whatever the sidecar says
+
+
+def cache_key(argv: Sequence[str], sha256: str) -> list[str]:
+    """The ATC argv as the cache compares it: the ONNX by its hash, the output by its name, not their folders."""
+    out = []
+    for arg in argv[1:]:
+        flag, sep, value = arg.partition("=")
+        if sep and flag == "--model":
+            arg = f"--model=sha256:{sha256}"
+        elif sep and flag == "--output":
+            arg = f"--output={Path(value).name}"
+        out.append(arg)
+    return out
+
+
+def atc_version(exe: str | Path) -> str | None:
+    """The CANN compiler version of this ``atc``: ``Version=`` of the ``version.info`` (or
+    ``version.cfg``) above it (``<toolkit>/compiler/bin/atc`` -> ``<toolkit>/compiler/version.info``),
+    else of ``$ASCEND_TOOLKIT_HOME/compiler``; None when no file says.
+
+    Read from files, not by running ``atc``: CANN's install records each part's version
+    there (docs/ascend.md#atc), and this runs before every cached conversion.
+    """
+    real = Path(os.path.realpath(exe))
+    places = [real.parent, *list(real.parents)[1:3]]
+    home = os.environ.get("ASCEND_TOOLKIT_HOME")
+    if home:
+        places += [Path(home) / "compiler", Path(home)]
+    for folder in places:
+        for name in ("version.info", "version.cfg"):
+            version = _version_line(folder / name)
+            if version:
+                return version
+    return None
+
+
+def _version_line(path: Path) -> str | None:
     try:
-        return json.loads(om.with_suffix(".json").read_text()).get("input")
-    except (OSError, ValueError, AttributeError):
+        text = path.read_text(errors="replace")
+    except OSError:
         return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "version" and value.strip():
+            return value.strip()
+    return None
+
+
+def _cached_fits(om: Path, want: dict, key: list[str], version) -> bool:
+    """The sidecar says ATC was told this input and this argv, by this CANN version."""
+    try:
+        info = json.loads(om.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict):
+        return False
+    return info.get("input") == want and info.get("atc_key") == key and \
+        (version is _ANY or info.get("atc_version") == version)
 
 
 def glob_escape(name: str) -> str:
@@ -192,7 +283,4 @@ def _last_line(text: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))

@@ -18,11 +18,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tasks.errors import UserError
+
 ANNOTATIONS = "annotations/person_keypoints_val2017.json"
 IMAGES = "val2017"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data; the message is one line naming the file and the fix."""
 
 
@@ -181,7 +183,7 @@ def missing_images(box_set: BoxSet) -> list[str]:
     return [p for p in box_set.image_paths.values() if not os.path.isfile(p)]
 
 
-class ImageError(OSError):
+class ImageError(UserError, OSError):
     """An image that cannot be read or decoded; the message names the file."""
 
 

@@ -1,6 +1,7 @@
 """The network as deployed: FastPose, optionally with the flip test and the normalisation in its graph.
 
-Two independent variants, each keypoint-identical to the plain path (tests):
+``deployed_module`` wraps the network to implement a ``tasks.variant.Variant``, each
+keypoint-identical to the plain path (tests):
 
 - ``fused_flip``: one call takes the batch, runs it and its mirror as one batch
   of 2n and returns the flip-merged heatmaps (docs/numerics.md#flip, clean shift). Half
@@ -12,41 +13,8 @@ Two independent variants, each keypoint-identical to the plain path (tests):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-
 from tasks.spec import FASTPOSE, ModelSpec
-
-F32_BYTES = 4
-
-
-@dataclass(frozen=True)
-class Variant:
-    fused_flip: bool = False
-    uint8_input: bool = False
-
-    def tag(self) -> str:
-        """Part of a cached model's file name; empty for the plain network."""
-        return ("-fflip" if self.fused_flip else "") + ("-u8" if self.uint8_input else "")
-
-    def input_shape(self, n: int | str, spec: ModelSpec = FASTPOSE) -> list:
-        h, w = spec.input_hw
-        return [n, h, w, 3] if self.uint8_input else [n, 3, h, w]
-
-    def input_dtype(self) -> type:
-        return np.uint8 if self.uint8_input else np.float32
-
-
-def bytes_per_box(variant: Variant, flip: bool, spec: ModelSpec = FASTPOSE) -> dict[str, int]:
-    """Bytes sent to and returned from the device per box, by the variant and the flip test."""
-    h, w = spec.input_hw
-    pixels = 3 * h * w
-    sent = pixels * (1 if variant.uint8_input else F32_BYTES)
-    back = spec.num_joints * spec.heatmap_hw[0] * spec.heatmap_hw[1] * F32_BYTES
-    passes = 2 if flip and not variant.fused_flip else 1
-    return {"to_device": sent * passes, "from_device": back * passes}
-
+from tasks.variant import Variant
 
 def deployed_module(model, variant: Variant, spec: ModelSpec = FASTPOSE):
     """``model`` (a FastPose ``nn.Module``) wrapped to implement ``variant``; the plain model if neither."""

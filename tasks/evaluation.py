@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tasks.dataset import Box
+from tasks.errors import UserError
 
 #: COCO keypoint sigmas, also used by OKS-NMS (docs/numerics.md#oks-nms).
 OKS_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
@@ -37,7 +38,7 @@ STAT_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)",
 EVALUATORS = ("auto", "faster-coco-eval", "pycocotools")
 
 
-class EvaluatorError(ValueError):
+class EvaluatorError(UserError, ValueError):
     """The evaluator asked for is unknown or not installed; the message is one line."""
 
 
@@ -59,22 +60,6 @@ def _gc_paused() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- records (docs/numerics.md#records)
-
-
-def result_record(image_id: int, xywh: tuple[float, ...], score: float,
-                  keypoints: np.ndarray, area: float) -> dict:
-    """One pose result before NMS, with upstream's fields and float32 roundings (docs/numerics.md#records).
-
-    ``keypoints``: float32 ``[17, 3]``; ``area``: of the crop box, used by OKS-NMS only.
-    """
-    return {
-        "bbox": [float(v) for v in np.asarray(xywh, dtype=np.float32)],
-        "image_id": int(image_id),
-        "area": float(area),
-        "score": float(np.float32(score)),
-        "category_id": 1,
-        "keypoints": [float(v) for v in np.asarray(keypoints, dtype=np.float32).reshape(-1)],
-    }
 
 
 @dataclass(frozen=True)
@@ -127,21 +112,7 @@ def pose_columns(boxes: list[Box], box_ids: np.ndarray, keypoints: np.ndarray,
     return PoseColumns(image_ids, xywh.astype(np.float32), areas, box_scores.astype(np.float32), kpts)
 
 
-def pose_records(boxes: list[Box], box_ids: np.ndarray, keypoints: np.ndarray,
-                 crop_boxes: np.ndarray) -> list[dict]:
-    """Result records (before NMS) for computed boxes, in the order of ``box_ids``."""
-    return pose_columns(boxes, box_ids, keypoints, crop_boxes).records()
-
-
 # ---------------------------------------------------------------- rescoring and OKS-NMS (docs/numerics.md#oks-nms)
-
-
-def rescore(record: dict) -> float:
-    """Box score times the mean of the keypoint scores > 0.2 (0 if none): docs/numerics.md#rescoring, trap T11."""
-    scores = record["keypoints"][2::3]
-    confident = [s for s in scores if s > RESCORE_THRESHOLD]
-    kpt_score = sum(confident) / len(confident) if confident else 0.0
-    return kpt_score * record["score"]
 
 
 def rescore_scores(keypoint_scores: np.ndarray, box_scores: np.ndarray) -> np.ndarray:
@@ -159,32 +130,6 @@ def rescore_scores(keypoint_scores: np.ndarray, box_scores: np.ndarray) -> np.nd
     count = confident.sum(axis=1)
     kpt_score = np.divide(total, count, out=np.zeros(len(s)), where=count > 0)
     return kpt_score * np.asarray(box_scores, dtype=np.float64)
-
-
-def oks_one_to_many(kpts: np.ndarray, area: float, others: np.ndarray, other_areas: np.ndarray) -> np.ndarray:
-    """OKS of one result against several, over all 17 joints (no visibility filter)."""
-    var = (OKS_SIGMAS * 2) ** 2
-    dx = others[:, 0::3] - kpts[0::3]
-    dy = others[:, 1::3] - kpts[1::3]
-    # Same operation order as upstream: the 0.9 threshold is compared exactly.
-    e = (dx ** 2 + dy ** 2) / var / ((area + other_areas[:, None]) / 2 + np.spacing(1)) / 2
-    return np.sum(np.exp(-e), axis=1) / e.shape[1]
-
-
-def oks_nms_indices(records: list[dict], threshold: float = NMS_THRESHOLD) -> list[int]:
-    """Greedy OKS-NMS over one image's results; indices kept, in pick order."""
-    scores = np.array([r["score"] for r in records])
-    kpts = np.array([r["keypoints"] for r in records])
-    areas = np.array([r["area"] for r in records])
-    # Same sort call as upstream: ties (many score-0 results) fall the same way (trap T12).
-    order = scores.argsort()[::-1]
-    keep = []
-    while len(order) > 0:
-        i = order[0]
-        keep.append(int(i))
-        oks = oks_one_to_many(kpts[i], areas[i], kpts[order[1:]], areas[order[1:]])
-        order = order[np.where(oks <= threshold)[0] + 1]
-    return keep
 
 
 def _image_groups(image_ids: np.ndarray) -> list[np.ndarray]:
@@ -270,6 +215,17 @@ def _greedy_nms(orders: list[np.ndarray], candidates: _Candidates, threshold: fl
 _MAX_BATCHED = 2048
 
 
+def _greedy_nms_one(order: np.ndarray, candidates: _Candidates, threshold: float) -> np.ndarray:
+    """Greedy OKS-NMS of one large image, pick by pick: the same pairwise rule (``_suppressed``)
+    without ``_greedy_nms``'s matrix, which would grow with the square of its candidates."""
+    picks = []
+    while len(order):
+        picks.append(order[0])
+        rest = order[1:]
+        order = rest[~_suppressed(np.full(len(rest), order[0]), rest, candidates, threshold)]
+    return np.array(picks, dtype=np.int64)
+
+
 def nms_rows(image_ids: np.ndarray, box_scores: np.ndarray, keypoints: np.ndarray, areas: np.ndarray,
              threshold: float = NMS_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """Rescoring then OKS-NMS per image (docs/numerics.md#oks-nms), as ``rescore_and_nms``, on columns.
@@ -293,7 +249,6 @@ def nms_rows(image_ids: np.ndarray, box_scores: np.ndarray, keypoints: np.ndarra
     candidates = _Candidates(x, y, np.ascontiguousarray(x[:, _PROBE]), np.ascontiguousarray(y[:, _PROBE]), areas,
                              np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1) & (areas >= 0)
                              & np.isfinite(areas))
-    flat = kpts.reshape(len(kpts), -1)
     # Images in bands of similar size (2^(k-1) < n <= 2^k), so that the padded [m, m]
     # matrix of each is at most 4x its n^2, and at most 2^24 matrix cells at a time.
     band = np.ceil(np.log2(np.maximum(sizes, 1))).astype(int)
@@ -305,35 +260,9 @@ def nms_rows(image_ids: np.ndarray, box_scores: np.ndarray, keypoints: np.ndarra
             for g, rows in zip(batch, _greedy_nms([orders[g] for g in batch], candidates, threshold)):
                 kept[g] = rows
     for g in np.flatnonzero(sizes > _MAX_BATCHED):
-        order = orders[g]
-        picks = []
-        while len(order):
-            picks.append(order[0])
-            oks = oks_one_to_many(flat[order[0]], areas[order[0]], flat[order[1:]], areas[order[1:]])
-            order = order[np.flatnonzero(oks <= threshold) + 1]
-        kept[g] = np.array(picks, dtype=np.int64)
+        kept[g] = _greedy_nms_one(orders[g], candidates, threshold)
     rows = np.concatenate(kept)
     return rows, scores[rows]
-
-
-def rescore_and_nms(records: list[dict] | PoseColumns) -> list[dict]:
-    """Per image (in order of first appearance): rescore, then OKS-NMS (docs/numerics.md#oks-nms).
-
-    Takes result dicts (``pose_records``) or their columns (``pose_columns``, which skips
-    building the dicts that NMS drops). Returns new dicts; the input is not changed.
-    """
-    if isinstance(records, PoseColumns):
-        rows, scores = nms_rows(records.image_ids, records.scores, records.keypoints, records.areas)
-        return records.records(rows, scores)
-    n = len(records)
-    with _gc_paused():
-        columns = (np.array([r["image_id"] for r in records]).reshape(n),
-                   np.array([r["score"] for r in records], dtype=np.float64).reshape(n),
-                   np.array([r["keypoints"] for r in records], dtype=np.float64).reshape(n, len(OKS_SIGMAS), 3),
-                   np.array([r["area"] for r in records], dtype=np.float64).reshape(n))
-    rows, scores = nms_rows(*columns)
-    with _gc_paused():
-        return [dict(records[i], score=s) for i, s in zip(rows.tolist(), scores.tolist())]
 
 
 # ---------------------------------------------------------------- COCOeval (docs/numerics.md#evaluation)

@@ -7,23 +7,24 @@ records how it was made and how far it is from PyTorch.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tasks.deploy import Variant, deployed_module
-from tasks.spec import FASTPOSE, file_sha256
+from tasks.deploy import deployed_module
+from tasks.errors import UserError
+from tasks.files import atomic_file, file_sha256
+from tasks.spec import FASTPOSE
 from tasks.transforms import crops_to_input
+from tasks.variant import Variant
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "heatmaps"
 MAX_ABS_DIFF = 1e-3
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """Export failed or the exported model disagrees with PyTorch; one line."""
 
 
@@ -42,21 +43,6 @@ class ExportOptions:
 def onnx_path_for(checkpoint: str, models_dir: str, options: ExportOptions, sha256: str | None = None) -> Path:
     sha = sha256 or file_sha256(checkpoint)
     return Path(models_dir) / f"fastpose-{sha[:16]}-{options.tag()}.onnx"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes 0600; other users of a shared models dir (and ais_bench's
-        # owner/mode checks on what ATC makes of it) expect an ordinary file.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
@@ -117,6 +103,11 @@ def export_onnx(checkpoint: str, models_dir: str, options: ExportOptions,
                                                        *FASTPOSE.heatmap_hw]},
             "max_abs_diff_vs_torch": diff, "check_crops": n,
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
-    _atomic_write_bytes(out, data)
-    _atomic_write_bytes(out.with_suffix(".json"), json.dumps(info, indent=2).encode())
+    _write_bytes(out, data)
+    _write_bytes(out.with_suffix(".json"), json.dumps(info, indent=2).encode())
     return out
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path, "wb") as f:
+        f.write(data)

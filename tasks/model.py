@@ -5,6 +5,7 @@ and strictly: ``preact.*`` (backbone), ``duc1.*``, ``duc2.*``, ``conv_out.*``.
 """
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.errors import UserError
 from tasks.spec import FASTPOSE, ModelSpec
 
 
@@ -113,7 +115,7 @@ class FastPose(nn.Module):
         return self.conv_out(self.duc2(self.duc1(x)))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The checkpoint file is not a FastPose-R50 state_dict; the message is one line."""
 
 
@@ -152,15 +154,13 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError:  # weights_only refused objects other than tensors (code among them)
+        raise CheckpointError(f"{path}: refused: the file holds Python objects other than "
+                              "tensors, and loading it could run code (weights_only=True)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint "
                               f"(truncated or not a torch file): {str(e).splitlines()[0]}; download it again "
                               "(fast_res50_256x192.pth is 162,603,012 bytes)") from None
-    except Exception as e:  # pickle.UnpicklingError from weights_only refusing code objects
-        if type(e).__name__ == "UnpicklingError":
-            raise CheckpointError(f"{path}: refused: the file holds Python objects other than "
-                                  "tensors, and loading it could run code (weights_only=True)") from None
-        raise
     return checkpoint_filter_fn(state, path)
 
 

@@ -23,10 +23,12 @@ import hashlib
 import json
 import os
 import platform
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from tasks.errors import UserError
+from tasks.files import atomic_write_text
 
 PINNED_OPENCV = "4.14.0.94"   # requirements.txt's pin (a test keeps the two equal)
 RULE_VERSION = 1               # bump when the rule or the pattern changes: old cache entries go stale
@@ -158,12 +160,27 @@ def checked_warp(cache_dir: str | Path) -> str | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Whole file or nothing, even with several workers starting at once on one cache."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    """Whole file or nothing, even with several workers starting at once on one cache; a cache that
+    cannot be written is skipped (the check runs again next time)."""
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, text)
+
+
+class OpencvMismatch(UserError, RuntimeError):
+    """This host's OpenCV does not warp as the pose crop needs; the message is one line with the way out."""
+
+
+def cache_dir() -> Path:
+    """Where a host keeps its checks: ``$XDG_CACHE_HOME/runner`` (``~/.cache/runner``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "runner"
+
+
+def check_opencv(allow_mismatch: bool) -> str | None:
+    """The cached check of this host's OpenCV: None when it follows the rule, else its line.
+
+    A mismatch raises ``OpencvMismatch`` unless ``allow_mismatch`` (``--allow-opencv-mismatch``).
+    """
+    mismatch = checked_warp(cache_dir())
+    if mismatch and not allow_mismatch:
+        raise OpencvMismatch(mismatch)
+    return mismatch

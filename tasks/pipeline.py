@@ -12,7 +12,7 @@ import numpy as np
 from tasks.backends.base import Backend
 from tasks.dataset import Box
 from tasks.decode import decode_keypoints, flip_merge
-from tasks.deploy import Variant
+from tasks.variant import Variant
 from tasks.spec import FASTPOSE
 from tasks.transforms import (box_xywh_to_center_scale, center_scale_to_crop_box, crop_rgb,
                               crops_to_input, flip_crops, flip_input)

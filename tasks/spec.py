@@ -1,14 +1,12 @@
 """What travels with the FastPose network, without torch: its input and output shapes, its
-normalisation and joint flips, and the file hash that names a converted model.
+normalisation and joint flips.
 
 Workers whose backend is not PyTorch (ONNX Runtime, OM, sim) import this, not ``tasks.model``,
 so they never load torch.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -33,11 +31,3 @@ class ModelSpec:
 
 
 FASTPOSE = ModelSpec()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from tasks.dataset import ANNOTATIONS, IMAGES
+from tasks.files import atomic_file, atomic_write_text
 
 KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
                   "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
@@ -50,7 +51,10 @@ def write_synthetic_coco(root: str | Path, n_boxes: int, seed: int = 0, persons_
     for k in range(n_images):
         image_id = 1000 + k
         name = f"{image_id:012d}.jpg"
-        cv2.imwrite(str(root / IMAGES / name), _image(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        ok, jpeg = cv2.imencode(".jpg", _image(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        # Whole files only: another run sharing the models dir may be reading the set already.
+        with atomic_file(root / IMAGES / name, "wb") as f:
+            f.write(jpeg.tobytes())
         images.append({"id": image_id, "file_name": name, "height": h, "width": w})
         for _ in range(min(persons_per_image, n_boxes - len(annotations))):
             bh = float(rng.uniform(0.35, 0.9) * h)
@@ -75,6 +79,6 @@ def write_synthetic_coco(root: str | Path, n_boxes: int, seed: int = 0, persons_
             "images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": "person", "supercategory": "person",
                             "keypoints": KEYPOINT_NAMES, "skeleton": SKELETON}]}
-    (root / ANNOTATIONS).write_text(json.dumps(coco))
-    (root / "detections" / "dets.json").write_text(json.dumps(dets))
+    atomic_write_text(root / ANNOTATIONS, json.dumps(coco))
+    atomic_write_text(root / "detections" / "dets.json", json.dumps(dets))  # last: the set is whole
     return {"dataroot": str(root), "ann": str(root / ANNOTATIONS), "dets": str(root / "detections" / "dets.json")}

@@ -109,7 +109,7 @@ def reference_keypoints(dataroot: str, dets: str, checkpoint: str) -> bytes:
     """keypoints.json as an uninterrupted run writes it, computed without Ray, batch by batch."""
     from tasks.backends import open_backend
     from tasks.dataset import load_boxes, read_rgb
-    from tasks.evaluation import pose_records, rescore_and_nms
+    from reference_evaluation import pose_records, rescore_and_nms
     from tasks.pipeline import keypoints_for_batch, prepare_batch
 
     box_set = load_boxes(dataroot, dets)

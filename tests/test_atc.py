@@ -214,3 +214,69 @@ def test_om_without_sidecar_is_not_trusted(tmp_path, onnx_file, fake_atc):
     om.with_suffix(".json").unlink()
     assert convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16) == om
     assert len(fake_atc()) == 2
+
+
+# --- precision modes and the toolkit's version in the cache key (docs/ascend.md#precision-modes, #atc)
+
+@pytest.mark.parametrize("mode, flag", [("force_fp16", None), ("must_keep_origin_dtype", "--precision_mode="),
+                                        ("allow_mix_precision", "--precision_mode="),
+                                        ("mixed_float16", "--precision_mode_v2=")])
+def test_precision_mode_reaches_atc_under_its_own_flag(mode, flag):
+    argv = atc_command("m.onnx", "m", "Ascend310P3", 16, precision_mode=mode)
+    modes = [a for a in argv if a.startswith("--precision_mode")]
+    # ATC's default is left to ATC: the published recipe's argv is unchanged.
+    assert modes == ([] if flag is None else [f"{flag}{mode}"])
+    assert argv[-2:] == ["--soc_version=Ascend310P3", "--log=error"]
+
+
+def test_unknown_precision_mode_is_refused_with_the_names():
+    with pytest.raises(ValueError, match=r"precision mode 'fp32'.*must_keep_origin_dtype.*mixed_float16"):
+        atc_command("m.onnx", "m", "Ascend310P3", 16, precision_mode="fp32")
+
+
+def test_each_precision_mode_is_its_own_cached_om(tmp_path, onnx_file, fake_atc):
+    models = tmp_path / "models"
+    default = convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16)
+    kept = convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16, precision_mode="must_keep_origin_dtype")
+    assert default.name.endswith("-Ascend310P3-b16.om")
+    assert kept.name.endswith("-Ascend310P3-b16-must_keep_origin_dtype.om") and default.is_file()
+    assert convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16, precision_mode="must_keep_origin_dtype") \
+        == kept and convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16) == default
+    first, second = fake_atc()
+    assert not any(a.startswith("--precision_mode") for a in first)
+    assert "--precision_mode=must_keep_origin_dtype" in second
+    assert json.loads(kept.with_suffix(".json").read_text())["precision_mode"] == "must_keep_origin_dtype"
+
+
+def test_another_toolkit_version_converts_again(tmp_path, onnx_file, fake_atc, monkeypatch):
+    """CANN's compiler/version.info beside atc (<toolkit>/compiler/bin/atc): an upgrade is a new conversion."""
+    import shutil
+
+    from tasks.atc import atc_version
+
+    toolkit = tmp_path / "toolkit" / "compiler"
+    (toolkit / "bin").mkdir(parents=True)
+    shutil.copy(FAKE_BIN / "atc", toolkit / "bin" / "atc")
+    monkeypatch.setenv("PATH", f"{toolkit / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("ASCEND_TOOLKIT_HOME", raising=False)
+    models = tmp_path / "models"
+    (toolkit / "version.info").write_text("Version=8.0.RC1\nversion_dir=8.0.RC1\n")
+    assert atc_version(toolkit / "bin" / "atc") == "8.0.RC1"
+    om = convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16)
+    assert convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16) == om and len(fake_atc()) == 1
+    assert json.loads(om.with_suffix(".json").read_text())["atc_version"] == "8.0.RC1"
+    (toolkit / "version.info").write_text("Version=8.1.RC1\n")
+    assert convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16) == om and len(fake_atc()) == 2
+    assert json.loads(om.with_suffix(".json").read_text())["atc_version"] == "8.1.RC1"
+
+
+def test_an_om_made_by_another_argv_converts_again(tmp_path, onnx_file, fake_atc):
+    """The sidecar's argv (folders aside) is part of the key: an OM whose recorded ATC flags differ is rebuilt."""
+    models = tmp_path / "models"
+    om = convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16)
+    sidecar = om.with_suffix(".json")
+    info = json.loads(sidecar.read_text())
+    assert "--log=error" in info["atc_key"] and f"--output={om.stem}" in info["atc_key"]
+    info["atc_key"] = [a for a in info["atc_key"] if a != "--log=error"]  # as an older runner ran it
+    sidecar.write_text(json.dumps(info))
+    assert convert_to_om(onnx_file, models, "Ascend310P3", batch_size=16) == om and len(fake_atc()) == 2

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import COCO_MINI, COCO_MINI_DETS, requires_shared
-from tasks.deploy import Variant
+from tasks.variant import Variant
 
 pytestmark = requires_shared
 
@@ -246,7 +246,8 @@ def test_heatmap_peak_to_image_pixels(prepared):
 
 
 def test_record_area_and_rescored_score(box, prepared):
-    from tasks.evaluation import nms_rows, pose_columns, rescore, result_record
+    from reference_evaluation import rescore, result_record
+    from tasks.evaluation import nms_rows, pose_columns
 
     b, _ = box
     k = decoded(prepared)

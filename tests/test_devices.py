@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.devices import (Device, DeviceError, discover_cuda, discover_npus, parse_devices, run_npu_smi,
-                             visible_npu_ids)
+from cluster.devices import (Device, DeviceError, chip_map_disagreements, discover_cuda, discover_npus,
+                             parse_devices, run_npu_smi, visible_npu_ids)
 from cluster.npu_smi import NpuSmiUnavailable
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -85,9 +85,9 @@ def never() -> list[Device]:
 
 def test_discover_duo(tmp_path, monkeypatch):
     log = fake_npu_smi(tmp_path, monkeypatch, HAND_WRITTEN_DUO)
-    assert discover_npus() == [Device("npu", 0, "Ascend310P3", "Ascend310P3", 0, 32768),
-                               Device("npu", 1, "Ascend310P3", "Ascend310P3", 1, 32768),
-                               Device("npu", 2, "Ascend310P3", "Ascend310P3", 2, 40)]
+    assert discover_npus() == [Device("npu", 0, "Ascend310P3", "Ascend310P3", 0, 32768, "OK", 0),
+                               Device("npu", 1, "Ascend310P3", "Ascend310P3", 1, 32768, "OK", 1),
+                               Device("npu", 2, "Ascend310P3", "Ascend310P3", 2, 40, "OK", 0)]
     assert log.read_text() == "info\n"
 
 
@@ -282,3 +282,38 @@ def test_discover_cuda_with_fake_torch(monkeypatch):
     assert discover_cuda() == [Device("cuda", 0, "Fake GPU 0"), Device("cuda", 1, "Fake GPU 1")]
     monkeypatch.setattr(cuda, "is_available", lambda: False)
     assert discover_cuda() == []
+
+
+# --- Health and the npu-smi info -m cross-check (docs/ascend.md#chip-health, #device-ids)
+
+def test_all_refuses_a_chip_whose_health_is_not_ok_and_named_ids_take_it(tmp_path, monkeypatch):
+    fake_npu_smi(tmp_path, monkeypatch, HAND_WRITTEN_DUO.replace(
+        "| 32768   310P3                 | OK      ", "| 32768   310P3                 | Critical", 1))
+    with pytest.raises(DeviceError) as e:
+        parse_devices("all")
+    assert str(e.value) == ("--devices all: npu-smi info reports NPU 0 (Critical) not OK; a run takes such a chip "
+                            "only when --devices names it: --devices 1,2 without it, or --devices 0,1,2 to use it "
+                            "anyway")
+    assert [(d.id, d.health) for d in parse_devices("0,1")] == [(0, "Critical"), (1, "OK")]
+
+
+def test_chip_map_cross_check_names_each_disagreement():
+    from cluster.npu_smi import ChipLogic
+
+    devices = [Device("npu", 0, "Ascend910B4", "Ascend910B4", 0, 6, "OK", 0),
+               Device("npu", 1, "Ascend910B4", "Ascend910B4", 1, 7, "OK", 0)]
+    assert chip_map_disagreements(devices, [ChipLogic(6, 0, 0, "Ascend 910B4"), ChipLogic(7, 0, 1, "Ascend 910B4")]) \
+        == []
+    assert chip_map_disagreements(devices, [ChipLogic(6, 0, 6, "Ascend 910B4")]) == [
+        "card 6 chip 0: npu-smi info gives logical id 0, -m gives 6",
+        "card 7 chip 0 (logical 1) is not in npu-smi info -m"]
+
+
+@needs_shared
+def test_chip_map_of_the_910b4_capture_agrees_with_the_ordinal_rule():
+    """The 910B4 capture's -m (NPU ids 0..7, chip 0, logic ids 0..7) against chips read in that order."""
+    from cluster.npu_smi import parse_chip_map
+
+    chip_map = parse_chip_map((FIXTURES / "m_910b4_8npu.txt").read_text())
+    devices = [Device("npu", i, "Ascend910B4", "Ascend910B4", i, i, "OK", 0) for i in range(8)]
+    assert chip_map_disagreements(devices, chip_map) == []

@@ -171,6 +171,28 @@ def test_a_late_shard_is_copied_once_to_an_idle_worker_and_the_first_result_wins
     assert q.queue.report.copies_won == Counter({"a": 1}) and q.queue.unwanted() == []
 
 
+def test_the_queue_notes_the_timelines_events_and_the_run_a_copy_beat(monkeypatch):
+    """Unix-timed events (queue empty, copy sent, device lost), the copy that won, and the
+    original it beat as a cancelled run from its send to its cancel: the timeline's markers
+    and its ``won: false`` span."""
+    clock = iter(float(t) for t in range(1000, 1100))
+    monkeypatch.setattr("cluster.queue.time.time", lambda: next(clock))
+    q = Queue(workers=("a", "b", "c"), shards=4, straggler_factor=3, straggler_floor_s=1)
+    q.queue.fill(0.0)  # unix 1000-1003: a 0, b 1, c 2, a 3; then the queue is empty (1004)
+    for token in (0, 2, 3):  # a and c finish in 1 s each
+        q.queue.succeeded(token, 1.0)
+    q.queue.copy_late(3.5)  # b's shard 1 to the idle a: noted at 1005, sent at 1006
+    assert q.queue.lose("c", "node died") == ["c"]  # 1007
+    sent, unwanted = q.queue.succeeded(4, 4.0)  # the copy wins; b's original is cancelled at 1008
+    report = q.queue.report
+    assert [(e.time, e.kind, e.worker, e.shard) for e in report.events] == [
+        (1004.0, "queue_empty", None, None), (1005.0, "copy_sent", "a", 1), (1007.0, "device_lost", "c", None)]
+    assert report.events[1].text.endswith("a copy runs on a") and report.events[2].text == "c lost: node died"
+    assert sent.copy and unwanted == [1] and report.won_by_copy == {(1, "a")}
+    assert [(c.shard, c.worker, c.sent, c.cancelled, c.copy) for c in report.cancelled] == [
+        (1, "b", 1001.0, 1008.0, False)]
+
+
 def test_the_automatic_device_timeout():
     assert device_timeout(DispatchPolicy(), []) == 300.0
     assert device_timeout(DispatchPolicy(), [40.0, 50.0, 60.0]) == 500.0  # sorted, as the queue keeps them

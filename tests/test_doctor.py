@@ -74,20 +74,57 @@ def test_fake_atlas_host_reports_everything_for_om_ok(fake_atlas):
     checks = by_name(doctor())
     for name in ("npu-smi", "CANN env", "atc", "ais_bench", "aclruntime"):
         assert checks[name].ok, checks[name]
-    assert checks["npu-smi"].detail == "2 NPU(s): ids 0, 1 (Ascend310P3); ATC soc_version Ascend310P3"
+    assert checks["npu-smi"].detail == ("2 NPU(s): ids 0, 1 (Ascend310P3); ATC soc_version Ascend310P3; "
+                                        "npu-smi info -m agrees")
+    assert checks["npu-smi"].warning == ""
     assert checks["atc"].detail == str(FAKES / "bin" / "atc")
     assert checks["CANN env"].detail == f"ASCEND_TOOLKIT_HOME={fake_atlas}"
-    assert "2024+ API: summary(), exec_time_list of (start, end) pairs, free_resource()" in checks["ais_bench"].detail
+    assert ("summary(), reset_summaryinfo(), set_dynamic_batchsize(), finalize(); free_resource: yes; "
+            "infer(self, feeds, mode, custom_sizes, out_array); mode table (dymbatch by mode); "
+            "exec_time_list entries: (start, end) pairs") in checks["ais_bench"].detail
     assert "--backend om: ready" in format_doctor(list(checks.values()))
 
 
-@pytest.mark.parametrize("api, generation", [
-    ("ait", "2023 API (ait's benchmark): sumary(), exec_time_list of durations, no free_resource in aclruntime"),
-    ("old", "2023 API (Ascend/tools mirror): sumary(), exec_time_list of durations, no free_resource()")])
-def test_ais_bench_generation_is_named(fake_atlas, monkeypatch, api, generation):
+#: What the doctor observes in each fake build (tests/fakes): names present, never an era.
+OBSERVED = {
+    "ait-pairs": "sumary(), reset_sumaryinfo(), set_dynamic_batchsize(), finalize(); free_resource: yes; "
+                 "infer(self, feeds, mode, custom_sizes, out_array); mode table (dymbatch by mode); "
+                 "exec_time_list entries: (start, end) pairs",
+    "ait": "sumary(), reset_sumaryinfo(), set_dynamic_batchsize(), finalize(); free_resource: yes; "
+           "infer(self, feeds, mode, custom_sizes, out_array); mode table (dymbatch by mode); "
+           "exec_time_list entries: durations",
+    "ait-nomodes": "sumary(), reset_sumaryinfo(), set_dynamic_batchsize(), finalize(); free_resource: no; "
+                   "infer(self, feeds, mode, custom_sizes, out_array); no mode table (dymbatch by "
+                   "set_dynamic_batchsize); exec_time_list entries: durations",
+    "old": "sumary(), reset_sumaryinfo(), set_dynamic_batchsize(), finalize(); free_resource: no; "
+           "infer(self, feeds, mode, custom_sizes); no mode table (dymbatch by set_dynamic_batchsize); "
+           "exec_time_list entries: durations",
+}
+
+
+@pytest.mark.parametrize("api", sorted(OBSERVED))
+def test_ais_bench_row_says_what_it_observed(fake_atlas, monkeypatch, api):
     monkeypatch.setenv("FAKE_AIS_BENCH_API", api)
     check = by_name(doctor())["ais_bench"]
-    assert check.ok and f", {generation} (" in check.detail
+    assert check.ok and f"; {OBSERVED[api]} (" in check.detail
+    assert "2023" not in check.detail and "2024" not in check.detail
+
+
+def test_unhealthy_chip_is_a_warning(fake_atlas, tmp_path, monkeypatch):
+    """Health Critical on chip 1: the row stays ok (the chip is there), with a warning naming it."""
+    from ray_support import FOUR_310P3
+
+    text = tmp_path / "info.txt"
+    text.write_text(FOUR_310P3.replace("| 32768   310P3                 | OK      ",
+                                       "| 32768   310P3                 | Critical", 1))
+    monkeypatch.setenv("FAKE_NPU_SMI_INFO", str(text))
+    checks = by_name(doctor())
+    check = checks["npu-smi"]
+    assert check.ok and check.warning.startswith("npu-smi info reports NPU 0 Health Critical: a run refuses it")
+    table = format_doctor(list(checks.values()))
+    assert "npu-smi      WARNING  4 NPU(s)" in table and "warning: npu-smi info reports NPU 0" in table
+    # The fake's -m lists only two chips: the cross-check says which of the four it lacks.
+    assert "npu-smi info -m DISAGREES: card 32769 chip 0 (logical 2) is not in npu-smi info -m" in check.detail
 
 
 @pytest.mark.parametrize("layout", ["ascend-toolkit", "cann"])

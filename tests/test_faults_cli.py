@@ -440,3 +440,45 @@ def test_om_of_another_batch_is_one_line(tmp_path, coco, random_checkpoint, expo
     line = one_error(proc, out, f"--bs 4 but OM {om.name} was built for batch 8", "run with --bs 8",
                      stderr=without_ray_npu_noise(proc.stderr))
     assert line.startswith("error: a device worker failed to start: --bs 4 but OM "), line
+
+
+# ---------------------------------------------------------------- an OpenCV whose warp is not the crop's rule
+
+
+#: Put first on PYTHONPATH, every Python process of the run (the driver, Ray's workers) imports this:
+#: the installed warpAffine, one pixel of each result one grey level off.
+OFF_BY_ONE_WARP = '''
+import cv2
+
+_warp = cv2.warpAffine
+
+
+def warpAffine(*args, **kwargs):
+    out = _warp(*args, **kwargs).copy()
+    out.flat[0] = out.flat[0] + 1 if out.flat[0] < 255 else 254
+    return out
+
+
+cv2.warpAffine = warpAffine
+'''
+
+
+def test_an_opencv_whose_warp_differs_stops_the_run_unless_allowed(tmp_path, models_dir):
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(OFF_BY_ONE_WARP)
+    env = base_env(PYTHONPATH=os.pathsep.join([str(patch), str(REPO)]), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    common = ("--synthetic", "8", "--backend", "sim", "--bs", "4", "--models-dir", models_dir)
+    out = tmp_path / "out"
+    proc = runner(*common, "--out", str(out), cwd=tmp_path, env=env)
+    line = one_error(proc, out, "a device worker failed to start: OpenCV ", "warpAffine differs from the "
+                     "fixed-point rule", "install the pinned opencv-python-headless==", "--allow-opencv-mismatch")
+    import cv2
+
+    assert f"OpenCV {cv2.__version__}" in line
+    allowed = tmp_path / "allowed"
+    done = completed(runner(*common, "--allow-opencv-mismatch", "--out", str(allowed), cwd=tmp_path, env=env),
+                     allowed)
+    run = json.loads((allowed / "run.json").read_text())
+    assert run["config"]["allow_opencv_mismatch"] is True and done is not None
+    assert [d["opencv_warp_mismatch"] for d in run["devices"]] == [line.split("start: ", 1)[1]]

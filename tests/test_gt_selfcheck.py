@@ -24,7 +24,8 @@ import pytest
 from conftest import COCO_MINI, COCO_MINI_DETS, SUBSET79, requires_shared
 from fakes.gt_heatmaps import GtHeatmapBackend
 from tasks.dataset import load_boxes, read_rgb
-from tasks.evaluation import STAT_NAMES, evaluate_keypoints, pose_records, rescore_and_nms
+from reference_evaluation import pose_records, rescore_and_nms
+from tasks.evaluation import STAT_NAMES, evaluate_keypoints
 from tasks.pipeline import keypoints_for_batch, prepare_batch
 
 

@@ -1,9 +1,11 @@
-"""OmBackend, and the Worker that owns it, against the fake ais_bench (tests/fakes) in its three API versions.
+"""OmBackend, and the Worker that owns it, against the fake ais_bench (tests/fakes) in the builds users have.
 
-``new`` (2024+ source: pairs, ``summary()``, per-call context), ``ait`` (2023 packaged
-wheels: durations, ``sumary()``, ``out_array``, thread-bound context) and ``old``
-(2023 Ascend/tools: durations, no ``out_array``, no ``free_resource``); spec ascend.md
-§1, §6. The fake session runs the ONNX behind a fake OM with ONNX Runtime, so
+``new`` (2024+ source: pairs, ``summary()``, per-call context), ``ait-pairs`` (ait
+2023-10-09: pairs but ``sumary()``), ``ait`` (2023-09-11: durations, mode table,
+``free_resource``, per-call context), ``ait-nomodes`` (before 2023-09-04: ``out_array``
+but no mode table, thread-bound context) and ``old`` (2023 Ascend/tools: durations, no
+``out_array``, no ``free_resource``); docs/ascend.md#ais_bench-sessions, spec ascend.md §1, §6.
+The fake session runs the ONNX behind a fake OM with ONNX Runtime, so
 heatmaps are compared with ONNX Runtime's on the same crops. A tiny model with
 FastPose's input and output names and shapes (AvgPool 4x4 + 1x1 conv 3->17) keeps
 this fast; the numerics of the real FastPose do not matter here.
@@ -31,7 +33,9 @@ def _drop_fake_modules() -> None:
         del sys.modules[name]
 
 
-APIS = ["new", "ait", "old"]
+APIS = ["new", "ait-pairs", "ait", "ait-nomodes", "old"]
+PAIRS = ("new", "ait-pairs")  # exec_time_list of (start, end) pairs
+PER_CALL_CONTEXT = ("new", "ait-pairs", "ait")  # free_resource, and the context made current on every call
 
 
 @pytest.fixture(params=APIS)
@@ -155,8 +159,8 @@ def test_fake_refuses_a_batch_that_is_not_a_gear(api, oms, capfd):
             session.infer([crops(3)], "dymbatch")
     with pytest.raises(RuntimeError, match="invalid parameter"):  # no gear selected: a static call cannot run
         session.infer([crops(4)], "static")
-    err = capfd.readouterr().err
-    assert "set dynamic batch size 3 failed: gears [1, 2, 4, 8]" in err and "no batch gear selected" in err
+    out = capfd.readouterr().out  # aclruntime prints on fd 1 (printf)
+    assert "set dynamic batch size 3 failed: gears [1, 2, 4, 8]" in out and "no batch gear selected" in out
 
 
 def _lines(path: Path) -> list[dict]:
@@ -185,7 +189,7 @@ def test_device_seconds_are_each_calls_executions_in_every_timing_form(api, oms,
     for _ in range(3):
         got.append(backend.run(crops(2))[1])
         assert summary().exec_time_list == []  # reset after the read
-    if api == "new":  # float32 stamps since the session started: their difference is exact to ~1e-4 ms
+    if api in PAIRS:  # float32 stamps since the session started: their difference is exact to ~1e-4 ms
         assert got == pytest.approx([1.25e-3] * 3, rel=1e-4)
     else:  # float32 durations: 1.25 is exact
         assert got == [1.25e-3] * 3
@@ -199,8 +203,8 @@ def test_exec_time_list_is_float32_in_the_form_of_its_generation(api, oms):
     session.infer([crops(B)])
     summary = getattr(session, "summary" if api == "new" else "sumary")()
     (entry,) = summary.exec_time_list
-    values = list(entry) if api == "new" else [entry]
-    assert isinstance(entry, tuple) == (api == "new") and all(float(np.float32(v)) == v for v in values)
+    values = list(entry) if api in PAIRS else [entry]
+    assert isinstance(entry, tuple) == (api in PAIRS) and all(float(np.float32(v)) == v for v in values)
     assert summary.exec_time_list is not summary.exec_time_list  # def_readwrite: a new list per read
 
 
@@ -237,7 +241,7 @@ def test_summary_reads_stay_constant_over_10000_calls(api, oms):
     assert len(reads) == 10_000 and last <= 2 * first
     # The measure sees an O(n) read: the same list 10,000 entries long reads far slower than 1 entry.
     summary = getattr(backend.session, backend._summary_name)()
-    entry = (0.0, 1.0) if api == "new" else 1.0
+    entry = (0.0, 1.0) if api in PAIRS else 1.0
     assert _min_read(summary, [entry] * 10_000) > 2 * _min_read(summary, [entry])
     backend.close()
 
@@ -281,11 +285,14 @@ def test_fake_is_strict_about_feeds(api, oms, capfd):
     with pytest.raises(RuntimeError, match="general failure"):
         session.infer([x[:B - 1]])
     assert f"check i:0 name:image in size:{(B - 1) * x[0].nbytes} needsize:{B * x[0].nbytes} not match" \
-        in capfd.readouterr().err
+        in capfd.readouterr().out
     with pytest.raises(RuntimeError, match="general failure"):
         session.infer([x.astype(np.float64)])
-    with pytest.raises((RuntimeError, ValueError)):
-        session.infer([x], "dynamic_batch")
+    if api == "ait-nomodes":  # no mode table: an unknown mode is ignored, as the 2023-09-04 source did
+        assert len(session.infer([x], "dynamic_batch")) == 1
+    else:
+        with pytest.raises((RuntimeError, ValueError)):
+            session.infer([x], "dynamic_batch")
     assert len(session.infer([x])) == 1
     assert str(session.get_inputs()[0].datatype) == "dtype.float32"
 
@@ -343,7 +350,7 @@ def test_close_unloads_the_model_on_every_api_version(api, oms):
     backend.run(crops(1))
     assert aclruntime.loaded_models() == 1
     session = backend.session
-    assert hasattr(session, "free_resource") == (api != "old")
+    assert hasattr(session, "free_resource") == (api in PER_CALL_CONTEXT)
     del session
     backend.close()
     backend.close()  # idempotent
@@ -396,11 +403,11 @@ def test_fake_context_belongs_to_the_creating_thread_in_2023_builds(api, oms, ca
     thread = threading.Thread(target=elsewhere)
     thread.start()
     thread.join()
-    if api == "new":  # 2024 builds make the session's context current on every call
+    if api in PER_CALL_CONTEXT:  # from 2023-09-11 the session's context is made current on every call
         assert errors == []
     else:
-        assert errors == ["[107002][ACL: context is null]"]
-        assert "[ERROR] aclrtMalloc failed, ret=107002" in capfd.readouterr().err
+        assert errors == ["[107002][fake: no current context]"]
+        assert "[ERROR] aclrtMalloc failed, ret=107002" in capfd.readouterr().out
     assert len(session.infer([x])) == 1  # the thread that made it still can
 
 
@@ -409,6 +416,9 @@ def test_om_built_for_another_soc_fails_to_open(api, oms, monkeypatch):
     with pytest.raises(BackendUnavailable) as e:
         OmBackend(str(oms["static"]), "npu:0", B, 1)
     assert "InferSession(0, " in message(e) and "soc_version" in message(e)
+    # What aclruntime printed on fd 1 while the session opened ends the line.
+    assert message(e).endswith("; aclruntime printed: [ERROR] load model from file failed, model file is "
+                               f"{oms['static']} (built for Ascend310P3, this chip is Ascend910B4)")
 
 
 def test_open_backend_table_knows_om(api, oms, tiny_onnx):
@@ -516,3 +526,51 @@ def test_set_batch_replaces_the_dump_dir(tiny_onnx, shard, tmp_path):
         worker.close()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz")) == \
         ["bs2/shard-000000.npz", "bs4/shard-000000.npz"]
+
+
+def test_the_gear_is_selected_by_what_the_session_offers():
+    """The mode table decides, never infer()'s parameter names (ait before 2023-09-08 had out_array
+    but no mode table and ignored 'dymbatch'; docs/ascend.md#ais_bench-sessions)."""
+    from types import SimpleNamespace
+
+    from tasks.backends.om import dymbatch_mode
+
+    assert dymbatch_mode(SimpleNamespace(infer_mode_switch={"static": 0, "dymbatch": 0})) is True
+    assert dymbatch_mode(SimpleNamespace(set_dynamic_batchsize=print)) is False
+    with pytest.raises(OmModelError, match=r"modes are dymshape, static, no dymbatch: .* --om-batch static"):
+        dymbatch_mode(SimpleNamespace(infer_mode_switch={"static": 0, "dymshape": 0}))
+    with pytest.raises(OmModelError, match="neither a mode table nor set_dynamic_batchsize"):
+        dymbatch_mode(SimpleNamespace())
+
+
+def test_what_c_code_prints_on_fd_1_and_2_is_captured_and_passed_on(capfd):
+    """printf to a file waits in C's stdio buffer: the capture flushes it before reading."""
+    import ctypes
+
+    from tasks.backends.sessions import captured_output
+
+    libc = ctypes.CDLL(None)
+    with captured_output() as printed:
+        libc.printf(b"[ERROR] load model from file failed, model file is m.om\n")
+        os.write(2, b"[ERROR] acl open device 0 failed\n")
+    text = "".join(printed)
+    assert "[ERROR] load model from file failed, model file is m.om" in text
+    assert "[ERROR] acl open device 0 failed" in text
+    assert "[ERROR] acl open device 0 failed" in capfd.readouterr().out  # passed on to the worker's log
+
+
+def test_a_failed_call_names_where_aclruntime_printed_its_reason(api, oms, monkeypatch):
+    """A call's reason is printed by aclruntime, not raised: the error names this process's stdout file."""
+    from tasks.backends.sessions import output_file
+
+    backend = OmBackend(str(oms["static"]), "npu:0", B, 1)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("[1][ACL:general failure]")
+
+    monkeypatch.setattr(backend.session, "infer", failing)
+    with pytest.raises(RuntimeError) as e:
+        backend.run(crops(2))
+    where = output_file() or "this worker's stdout"  # pytest's capture file here, a Ray worker's log in a run
+    assert str(e.value) == f"[1][ACL:general failure] (aclruntime's [ERROR] lines: {where})"
+    backend.close()

@@ -131,3 +131,25 @@ def test_build_key_follows_runtime_switches():
     finally:
         cv2.ipp.setUseIPP(use_ipp)
     assert flipped != key and opencv_check.opencv_build_key() == key
+
+
+def test_doctor_and_a_worker_start_report_a_mismatch_and_the_flag_lets_it_run(tmp_path, monkeypatch):
+    from runner.doctor import doctor
+    from tasks.opencv_check import OpencvMismatch, check_opencv
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "clean"))
+    assert {c.name: c for c in doctor()}["opencv warp"].ok and check_opencv(False) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "patched"))  # a cache per build: a fresh one here
+    real = cv2.warpAffine
+
+    def off_by_one(*args, **kwargs):
+        out = real(*args, **kwargs).copy()
+        out.flat[0] = out.flat[0] + 1 if out.flat[0] < 255 else 254
+        return out
+
+    monkeypatch.setattr(cv2, "warpAffine", off_by_one)
+    check = {c.name: c for c in doctor()}["opencv warp"]
+    assert not check.ok and "by up to 1 grey level: install the pinned" in check.detail
+    with pytest.raises(OpencvMismatch, match="--allow-opencv-mismatch$"):
+        check_opencv(False)
+    assert check_opencv(True) == check.detail  # allowed: the worker runs and reports it

@@ -77,6 +77,18 @@ def check_each_shard_once(out, data: dict, expected: bytes) -> dict:
     return check_throughput(out, len(data["box_ids"]))
 
 
+def timeline_events(out, boxes: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """timeline.json's shard spans, call spans and markers; the kept shards hold every box once."""
+    from tasks.timeline import winning_boxes
+
+    trace = json.loads((out / "timeline.json").read_text())
+    events = trace["traceEvents"]
+    shards = [e for e in events if e.get("cat") == "shard"]
+    kept = sorted(e["args"]["shard"] for e in shards if e["args"]["won"])
+    assert winning_boxes(trace) == boxes and kept == sorted(set(kept))
+    return shards, [e for e in events if e.get("cat") == "call"], [e for e in events if e.get("ph") == "i"]
+
+
 def test_a_frozen_worker_is_declared_lost_and_the_run_finishes(tmp_path, data, sim_expected):
     out = tmp_path / "out"
     started = time.monotonic()
@@ -89,6 +101,9 @@ def test_a_frozen_worker_is_declared_lost_and_the_run_finishes(tmp_path, data, s
     assert tp["lost_devices"] == [victim["device"]]
     row = next(d for d in tp["devices"] if d["id"] == victim["device"])
     assert row["lost"] and row["lost_reason"].startswith("no result for 3 s")
+    _, _, markers = timeline_events(out, len(data["box_ids"]))
+    lost = [m for m in markers if m["args"]["kind"] == "device_lost"]
+    assert len(lost) == 1 and lost[0]["name"].startswith(f"{victim['device']} lost: no result for 3 s")
 
 
 def test_a_late_worker_is_overtaken_by_a_copy_and_each_shard_counts_once(tmp_path, data, sim_expected):
@@ -103,6 +118,11 @@ def test_a_late_worker_is_overtaken_by_a_copy_and_each_shard_counts_once(tmp_pat
     assert t["speculative_copies"] == len(copies) == t["speculative_copies_won"]
     assert sum(d["copies_won"] for d in tp["devices"]) == t["speculative_copies_won"]
     assert not tp["lost_devices"] and t["boxes"] == len(data["box_ids"])  # late, not lost
+    shards, _, markers = timeline_events(out, len(data["box_ids"]))
+    assert [m["name"] for m in markers if m["args"]["kind"] == "copy_sent"] == copies
+    won = [e["args"]["shard"] for e in shards if e["args"]["copy"] and e["args"]["won"]]
+    beaten = [e["args"]["shard"] for e in shards if not e["args"]["won"]]  # the frozen originals, cancelled
+    assert len(won) == t["speculative_copies_won"] and sorted(beaten) == sorted(won)
 
 
 def test_losing_the_node_of_one_worker_completes_on_the_other(tmp_path, data, sim_expected):
@@ -152,6 +172,16 @@ def test_a_killed_driver_resumes_to_identical_keypoints(tmp_path, data):
     assert f"({kept} done before)" in resumed.stdout
     assert (out / "keypoints.json").read_bytes() == data["expected"]
     assert sorted(journalled_box_ids(out)) == data["box_ids"]
+    # The timeline keeps the earlier part's shards and calls (from the journal) beside the resumed part's.
+    shards, calls, _ = timeline_events(out, len(data["box_ids"]))
+    started = json.loads((out / "run.json").read_text())["started"]
+    before = {e["args"]["shard"] for e in shards if e["ts"] / 1e6 + shards_start(out) < started}
+    assert len(before) == kept and {e["args"]["shard"] for e in calls} == {e["args"]["shard"] for e in shards}
+
+
+def shards_start(out) -> float:
+    """The unix time of a timeline's 0."""
+    return json.loads((out / "timeline.json").read_text())["otherData"]["run_start_unix_s"]
 
 
 def test_a_worker_dead_between_batch_sizes_is_dropped_and_the_sweep_goes_on(tmp_path, data):

@@ -39,12 +39,19 @@ def test_two_chip_types_in_one_run_are_named():
         soc_version(a + b)
 
 
-@pytest.mark.parametrize("value", ["310P3", "ascend310P3", "Ascend 310P3", 310])
+@pytest.mark.parametrize("value", ["310P3", "ascend310P3", "Ascend 310P3", 310, "Ascend910B4-", "Ascend-910B4",
+                                   "Ascend910B4--1"])
 def test_config_refuses_what_atc_would_not_take(value):
     with pytest.raises(ConfigError, match=r"^soc_version: .* is not an ATC soc_version such as Ascend310P3"):
         load_config(None, {"soc_version": value})
     assert load_config(None, {"soc_version": "Ascend910_9392"}).cluster.soc_version == "Ascend910_9392"
     assert load_config().cluster.soc_version is None
+
+
+@pytest.mark.parametrize("value", ["Ascend910B4-1", "Ascend310P3", "Ascend910_9392", "Ascend910B2C"])
+def test_real_soc_names_with_a_hyphen_are_taken(value):
+    """ATC's soc list has names such as Ascend910B4-1 (docs/ascend.md#soc-version)."""
+    assert load_config(None, {"soc_version": value}).cluster.soc_version == value
 
 
 def test_bad_flag_is_one_line(tmp_path):

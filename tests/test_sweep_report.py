@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO
 from runner.report import PLOT_SIZE, compare, knee, load_runs, throughput_figure
-from tasks.spec import file_sha256
+from tasks.files import file_sha256
 
 SIZES = (1, 4)
 RUN_FILES = ("keypoints.json", "metrics.json", "throughput.json", "run.json", "devices.json")
@@ -67,6 +67,22 @@ def test_sweep_writes_one_run_per_batch_size(sweep):
     # Ray and the workers start once: the same processes ran every batch size.
     pids = [sorted(d["pid"] for d in read(out / f"bs{bs}" / "devices.json")) for bs in SIZES]
     assert pids[0] == pids[1] and len(pids[0]) == 2
+
+
+def test_each_batch_size_has_its_report_and_the_sweep_an_index(sweep):
+    from tasks.timeline import winning_boxes
+
+    out = sweep["out"]
+    for bs in SIZES:
+        trace = read(out / f"bs{bs}" / "timeline.json")
+        assert trace["otherData"]["bs"] == bs and winning_boxes(trace) == sweep["crops"] // 2
+        assert len(read(out / f"bs{bs}" / "analysis.json")["joints"]) == 17
+        assert "<h2>Timeline</h2>" in (out / f"bs{bs}" / "report.html").read_text()
+        assert read(out / f"bs{bs}" / "run.json")["phases_seconds"]["report"] > 0
+    index = (out / "report.html").read_text()
+    assert [f'href="bs{bs}/report.html"' in index for bs in SIZES] == [True, True]
+    assert index.count('<img src="data:image/png;base64,') == 1 and "://" not in index  # throughput.png inline
+    assert f"Knee: bs={read(out / 'summary.json')['knee']['bs']}" in index
 
 
 def test_summary_rows_are_the_runs_figures(sweep):
@@ -202,6 +218,13 @@ def test_report_rerenders_and_compares(sweep, tmp_path):
     line = next(ln for ln in lines[start:] if ln.split()[:1] == ["4"])
     assert line.split()[3:] == [f"{map_diff:+.4f}", f"{other['sum_device_fps'] / base['sum_device_fps']:.3f}",
                                 f"{other['e2e_boxes_per_s'] / base['e2e_boxes_per_s']:.3f}"]
+    # Per joint, torch's coco-analyze classes against ONNX Runtime's, in comparison.json and as a table.
+    from tasks.keypoint_errors import diff_analyses
+
+    want = diff_analyses(read(sweep["out"] / "bs4" / "analysis.json"), read(single / "analysis.json"))
+    assert read(single / "comparison.json")["rows"][0]["keypoint_errors"] == json.loads(json.dumps(want))
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("bs 4: per joint, other - base"))
+    assert [ln.split()[0] for ln in lines[start + 3:start + 20]] == list(want["joints"])
 
 
 def test_resume_continues_per_batch_size(sweep, tmp_path):

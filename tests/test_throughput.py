@@ -18,9 +18,9 @@ from runner.config import ConfigError, load_config
 from cluster.placement import prep_threads
 from tasks.backends import open_backend
 from tasks.dataset import load_boxes, read_rgb
-from tasks.deploy import Variant, bytes_per_box
 from tasks.export import ExportOptions, export_onnx
 from tasks.pipeline import keypoints_for_batch, prepare_batch
+from tasks.variant import Variant, bytes_per_box
 from ray_support import at_once
 from test_cli import runner
 

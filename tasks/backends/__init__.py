@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 
 from tasks.backends.base import Backend, BackendUnavailable
-from tasks.deploy import Variant
+from tasks.variant import Variant
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from tasks.deploy import Variant
+from tasks.errors import UserError
+from tasks.variant import Variant
 
 
 class Backend(Protocol):
@@ -35,7 +36,7 @@ class Backend(Protocol):
         ...
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """The backend's runtime is not installed or cannot open the device.
 
     The message is one line that says what to install or set up.

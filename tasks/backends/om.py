@@ -1,4 +1,4 @@
-"""OM backend: an ATC-converted FastPose on one Ascend NPU through ais_bench (docs/ascend.md).
+"""OM backend: an ATC-converted FastPose on one Ascend NPU through ais_bench (docs/ascend.md#ais_bench-sessions).
 
 A static OM has its batch baked in: the short last batch is padded by repeating its
 last crop and the padded rows are dropped. A dynamic-batch OM runs every call of a
@@ -10,14 +10,17 @@ The gears come from the ``.json`` that ``tasks.atc.convert_to_om`` writes beside
 Device seconds are the model executions ais_bench timed (``exec_time_list``), copies
 excluded.
 
-Three ais_bench generations are in use and all work here: the 2023 Ascend/tools
-mirror (``sumary()``, no ``out_array``, no ``free_resource``), ait's 2023 packaged
-benchmark, which the prebuilt wheels carry (``sumary()``, ``out_array``, ``dymbatch``),
-and the source from 2024 on (``summary()``, ``free_resource()``). Before 2024-02 an
-``exec_time_list`` entry is one execution's duration in ms, since then a
-``(start_ms, end_ms)`` pair. In the 2023 builds the session's ACL context is current
-only on the thread that made it, so the caller must open, run and close a backend on
-one thread (``cluster.actor.Worker`` does).
+Every ais_bench build in use works here, and nothing is inferred from a build's
+date or from a parameter's name: what the session has decides (docs/ascend.md#ais_bench-sessions).
+The summary calls are ``summary()``/``reset_summaryinfo()`` or ``sumary()``/
+``reset_sumaryinfo()``; an ``exec_time_list`` entry is a duration or a ``(start_ms,
+end_ms)`` pair, told apart by its form; ``free_resource()`` is called where it exists;
+a dynamic-batch gear is selected by the ``dymbatch`` mode where the session's mode
+table (``infer_mode_switch``) has it, else by ``set_dynamic_batchsize`` and a
+``static`` call (ait before 2023-09-08 had ``out_array`` but no mode table and ignored
+an unknown mode). Before 2023-09-11 the session's ACL context is current only on the
+thread that made it, so the caller must open, run and close a backend on one thread
+(``cluster.worker.DeviceWorker`` does).
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
-from tasks.backends.sessions import OmModelError, om_session
-from tasks.deploy import Variant
+from tasks.backends.sessions import OmModelError, om_session, output_file
 from tasks.spec import FASTPOSE
+from tasks.variant import Variant
 
 OUTPUT_CHW = (FASTPOSE.num_joints, *FASTPOSE.heatmap_hw)
 
@@ -54,12 +57,10 @@ class OmBackend:
             # Method names, not bound methods: a bound method would keep the session
             # (and its model on the device) alive after close().
             self._summary_name, self._reset_name = summary_methods(self.session)
+            self._select_gear = self.gears is not None and not dymbatch_mode(self.session)
         except BackendUnavailable:
             self.close()
             raise
-        # The 2023 Ascend/tools build has no 'dymbatch' mode (nor out_array, which came with it):
-        # there the gear is selected first and the call runs 'static'.
-        self._select_gear = self.gears is not None and "out_array" not in _parameters(self.session.infer)
         self._reset()  # from an empty list: each call counts only its own executions
 
     def _read_descriptors(self, gears: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -69,7 +70,7 @@ class OmBackend:
         if len(inputs) != 1 or len(outputs) != 1:
             raise OmModelError(f"OM {name} has {len(inputs)} inputs and {len(outputs)} outputs; FastPose has 1 and 1")
         (inp,), (out,) = inputs, outputs
-        kind = str(inp.datatype).rpartition(".")[2]  # 'dtype.float32': match by name (docs/ascend.md)
+        kind = str(inp.datatype).rpartition(".")[2]  # 'dtype.float32': by name (docs/ascend.md#ais_bench-sessions)
         shape = list(inp.shape)
         if kind != self._dtype.name or len(shape) != 4 or tuple(shape[1:]) != self._item:
             raise OmModelError(f"OM {name} takes {kind} {shape}; this run sends {self._dtype.name} "
@@ -118,15 +119,22 @@ class OmBackend:
         feed = np.ascontiguousarray(x, dtype=self._dtype)
         if rows > n:
             feed = np.concatenate([feed, np.repeat(feed[-1:], rows - n, axis=0)])
-        if self.gears is None:
-            outputs = self.session.infer([feed], "static")
-        elif self._select_gear:
-            self.session.set_dynamic_batchsize(rows)
-            outputs = self.session.infer([feed], "static")
-        else:
-            outputs = self.session.infer([feed], "dymbatch")
+        try:
+            outputs = self._infer(feed, rows)
+        except RuntimeError as e:
+            # aclruntime raises a bare code; the reason it printed went to this process's stdout.
+            where = output_file() or "this worker's stdout"
+            raise RuntimeError(f"{e} (aclruntime's [ERROR] lines: {where})") from e
         heatmaps = np.asarray(outputs[0], dtype=np.float32).reshape(rows, *OUTPUT_CHW)[:n]
         return heatmaps, self._take_exec_ms() / 1000
+
+    def _infer(self, feed: np.ndarray, rows: int) -> list:
+        if self.gears is None:
+            return self.session.infer([feed], "static")
+        if self._select_gear:
+            self.session.set_dynamic_batchsize(rows)
+            return self.session.infer([feed], "static")
+        return self.session.infer([feed], "dymbatch")
 
     def _take_exec_ms(self) -> float:
         """The executions timed since the last call, in ms; then ais_bench's list is cleared.
@@ -147,7 +155,7 @@ class OmBackend:
 
         Builds without ``free_resource`` unload when the session object is destroyed,
         so nothing here may keep a reference to it. ``finalize()`` is process-wide
-        (docs/ascend.md): left to whoever owns the process.
+        (docs/ascend.md#ais_bench-sessions): left to whoever owns the process.
         """
         session, self.session = getattr(self, "session", None), None
         if session is not None and hasattr(session, "free_resource"):
@@ -161,15 +169,16 @@ def summary_methods(session) -> tuple[str, str]:
             return names
     raise BackendUnavailable(f"om backend: this ais_bench InferSession has neither summary()/reset_summaryinfo() nor "
                        f"sumary()/reset_sumaryinfo() ({type(session).__module__}): install the ais_bench "
-                       "and aclruntime wheels built together (docs/ascend.md)")
+                       "and aclruntime wheels built together (docs/ascend.md#ais_bench-sessions)")
 
 
 def execution_ms(entries: Iterable) -> float:
     """Total milliseconds of ``exec_time_list`` entries, summed in float64.
 
-    Before ais_bench 3ffe8a42 (2024-02) an entry is one execution's duration; since
-    then it is a ``(start, end)`` pair of float32 ms since the session was created, so
-    a long run's stamps are coarse (1/16 ms after 9 minutes, 1 ms after 2.3 hours) and only their difference is kept.
+    Before ait 8c67f6f51 (2023-10-09) an entry is one execution's duration; since then
+    it is a ``(start, end)`` pair of float32 ms since the session was created, so a long
+    run's stamps are coarse (1/16 ms after 9 minutes, 1 ms after 2.3 hours) and only their
+    difference is kept. The form of each entry decides, not the build.
     """
     total = 0.0
     for entry in entries:
@@ -185,10 +194,21 @@ def _dims(shape: tuple[int, ...]) -> str:
     return ", ".join(str(d) for d in shape)
 
 
-def _parameters(fn) -> set[str]:
-    import inspect
+def dymbatch_mode(session) -> bool:
+    """Whether ``infer(..., 'dymbatch')`` selects the gear: the session's mode table says so.
 
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
+    Builds with a mode table (``infer_mode_switch``, ait from 2023-09-08 on) dispatch
+    through it and reset the gear on 'static'; builds without one know no 'dymbatch'
+    (ait before then ignores it silently, the Ascend/tools mirror raises), and there
+    ``set_dynamic_batchsize`` and a 'static' call, which keeps the gear, run it.
+    """
+    table = getattr(session, "infer_mode_switch", None)
+    if table is None:
+        if not hasattr(session, "set_dynamic_batchsize"):
+            raise OmModelError("om backend: this ais_bench InferSession has neither a mode table nor "
+                               "set_dynamic_batchsize(): it cannot run a dynamic-batch OM; use --om-batch static")
+        return False
+    if "dymbatch" not in table:
+        raise OmModelError(f"om backend: this ais_bench's modes are {', '.join(sorted(table))}, no dymbatch: "
+                           "it cannot run a dynamic-batch OM; use --om-batch static")
+    return True

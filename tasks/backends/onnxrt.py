@@ -7,7 +7,7 @@ import numpy as np
 
 from tasks.backends.base import BackendUnavailable
 from tasks.backends.sessions import onnxruntime_session
-from tasks.deploy import Variant
+from tasks.variant import Variant
 
 
 class OnnxRuntimeBackend:

@@ -12,7 +12,7 @@ import numpy as np
 
 from tasks.backends.base import BackendUnavailable
 from tasks.backends.onnxrt import check_input
-from tasks.deploy import Variant
+from tasks.variant import Variant
 
 
 class OpenVinoBackend:

@@ -6,7 +6,8 @@ import time
 import numpy as np
 
 from tasks.backends.base import BackendUnavailable
-from tasks.deploy import Variant, deployed_module
+from tasks.deploy import deployed_module
+from tasks.variant import Variant
 
 
 class TorchBackend:

@@ -8,9 +8,14 @@ backend; how a runtime is set up, and the error lines when it cannot be, is here
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.backends.base import BackendUnavailable
@@ -29,7 +34,7 @@ class OmModelError(BackendUnavailable):
 
 
 def check_model_file(path: Path) -> None:
-    """Raise OmModelError if ais_bench (2024-08 onward) would refuse ``path`` (docs/ascend.md).
+    """Raise OmModelError if ais_bench (2024-08 onward) would refuse ``path`` (docs/ascend.md#ais_bench-sessions).
 
     ais_bench raises a bare ``ValueError`` (its Python checks) or ``RuntimeError``
     (aclruntime's) that points to its log; this names the file, the rule and the fix.
@@ -107,14 +112,77 @@ def om_session(model_path: str | Path, device: str):
     except ImportError as e:
         raise BackendUnavailable(
             f"om backend: cannot import ais_bench ({e}): install the ais_bench and aclruntime wheels "
-            f"(not on PyPI; see docs/ascend.md) and source {SET_ENV}") from None
+            f"(not on PyPI; see docs/ascend.md#install) and source {SET_ENV}") from None
     path = Path(model_path)
     check_model_file(path)
     device_id = npu_index(device)
+    with captured_output() as printed:
+        try:
+            return InferSession(device_id, str(path))
+        except (RuntimeError, ValueError, TypeError) as e:
+            error = e
+    # aclruntime prints the reason (printf, Log.h ERROR_LOG) and raises only a code such as
+    # [1][ACL:invalid parameter]: the printed lines end the error (docs/ascend.md#errors).
+    raise BackendUnavailable(
+        f"om backend: InferSession({device_id}, {path}) failed: {error}; check `npu-smi info` for a busy or "
+        f"unhealthy device and the OM's soc_version (its .json) against this chip; {_reason(printed)}") from error
+
+
+def _reason(printed: list[str]) -> str:
+    # One line, and no '. ' in it: Ray's report of a failed actor is cut at its first sentence.
+    lines = [" ".join(line.split()).rstrip(".") for line in "".join(printed).splitlines() if line.strip()]
+    if lines:
+        return "aclruntime printed: " + " | ".join(lines[-6:])
+    where = output_file()
+    return f"aclruntime's [ERROR] lines, if any, are in {where}" if where else \
+        "aclruntime printed nothing this process could read back"
+
+
+def output_file() -> str | None:
+    """The file this process's stdout (fd 1) writes to, when it is one: a Ray worker's log file."""
     try:
-        return InferSession(device_id, str(path))
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise BackendUnavailable(
-            f"om backend: InferSession({device_id}, {path}) failed: {e}; see the [ERROR] lines above: "
-            "`npu-smi info` for a busy or unhealthy device, and the soc_version the OM was built for "
-            "(its .json) against this chip") from e
+        target = os.readlink("/proc/self/fd/1")
+    except OSError:
+        return None
+    return target if target.startswith("/") and os.path.isfile(target) else None
+
+
+@contextmanager
+def captured_output() -> Iterator[list[str]]:
+    """What is written to file descriptors 1 and 2 inside the block, from C or Python; appended to the
+    list on the way out, and written on to the original descriptors, so the worker's log keeps it.
+
+    The C side's stdio buffer is flushed first (a printf to a file waits there), and so are
+    Python's. Another thread's output in the meantime is captured too, and passed on the same way.
+    """
+    text: list[str] = []
+    _flush_all()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield text
+        finally:
+            _flush_all()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            data = sink.read()
+            if data:
+                os.write(1, data)
+            text.append(data.decode(errors="replace"))
+
+
+def _flush_all() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass

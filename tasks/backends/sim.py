@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from tasks.deploy import Variant
 from tasks.spec import FASTPOSE
+from tasks.variant import Variant
 
 
 class SimBackend:

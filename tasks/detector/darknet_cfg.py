@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.errors import UserError
 
-class CfgError(ValueError):
+
+class CfgError(UserError, ValueError):
     """The cfg cannot be turned into a network; the message is one line."""
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks.errors import UserError
 
-class WeightsError(ValueError):
+
+class WeightsError(UserError, ValueError):
     """The weights file does not fit the network; the message is one line."""
 
 

@@ -7,11 +7,11 @@ head maps (PyTorch: ``yolo.torch_net_fn``, ONNX Runtime: ``onnx_runtime.onnxrunt
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.dataset import read_bgr
+from tasks.files import atomic_file
 
 from .darknet_cfg import Yolo
 from .postprocess import coco_person_records, letterbox_xyxy_to_image, person_boxes_letterbox
@@ -51,14 +51,5 @@ def coco_image_list(ann_file: str | Path, image_dir: str | Path) -> list[tuple[P
 
 def write_detections(path: str | Path, records: Sequence[dict]) -> None:
     """``json.dump`` of the list, as upstream writes it, replacing ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(list(records), f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        json.dump(list(records), f)

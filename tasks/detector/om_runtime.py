@@ -65,7 +65,7 @@ class DetectorOm:
         return [np.asarray(o, dtype=np.float32).reshape(s) for o, s in zip(outputs, self.output_shapes)]
 
     def close(self) -> None:
-        # finalize() is process-wide (docs/ascend.md): left to whoever owns the process.
+        # finalize() is process-wide (docs/ascend.md#ais_bench-sessions): left to whoever owns the process.
         if getattr(self, "session", None) is not None and hasattr(self.session, "free_resource"):
             self.session.free_resource()
         self.session = None

@@ -1,28 +1,13 @@
-"""Image file -> the detector's letterboxed input (docs/numerics.md#letterbox).
+"""A decoded BGR image -> the detector's letterboxed input (docs/numerics.md#letterbox).
 
 The order matters for the bits: bicubic resize and 128 padding on the uint8 **BGR**
 image, then BGR -> RGB, then a float32 division by 255 (traps D7, D9, D10, D22).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import cv2
 import numpy as np
 
 from .cubic_resize import resize_cubic_uint8
-
-
-class ImageError(ValueError):
-    """An image file cannot be decoded; the message is one line."""
-
-
-def read_image_bgr(path: str | Path) -> np.ndarray:
-    """``cv2.imread`` with default flags: uint8 ``[H, W, 3]`` BGR, EXIF orientation applied."""
-    img = cv2.imread(str(path))
-    if img is None:
-        raise ImageError(f"{path}: not found or not a decodable image")
-    return img
 
 
 def letterbox_size(width: int, height: int, inp: int) -> tuple[int, int]:

@@ -11,12 +11,12 @@ in ``models_dir`` by the sha256 of weights and cfg; ``om`` converts it with ATC
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.backends import BACKENDS, DETECTOR_BACKENDS, load
+from tasks.files import move_into_place, temporary_beside
 
 from .darknet_cfg import DarknetCfg, Yolo, parse_darknet_cfg
 from .onnx_runtime import INPUT_NAME, export_darknet_onnx, onnxruntime_net_fn
@@ -39,10 +39,10 @@ def detector_onnx(model: Darknet, weights: str | Path, cfg: str | Path, models_d
     """``models_dir/yolov3spp-<key>-b1.onnx``: exported on first use, written atomically."""
     path = Path(models_dir) / f"yolov3spp-{detector_key(weights, cfg)}-b1.onnx"
     if not path.is_file():
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.onnx")
+        tmp = temporary_beside(path)  # torch and onnx write to a path of their own choosing
         try:
             export_darknet_onnx(model, tmp, inp, batch_size=1)
-            os.replace(tmp, path)
+            move_into_place(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path

@@ -15,22 +15,29 @@ outputs are real numbers, and keeps the rules the C++ side enforces:
   float32: every read builds a new Python list of every execution so far, until
   ``reset_sumaryinfo()`` clears it.
 
-The build generation is ``FAKE_AIS_BENCH_API`` (aclruntime and ais_bench are built
-from one source tree, so this module and the fake ais_bench read the same variable):
+The build is ``FAKE_AIS_BENCH_API`` (aclruntime and ais_bench are built from one
+source tree, so this module and the fake ais_bench read the same variable). The
+builds follow ait's history (sync-ait, ``ait/components/benchmark``; docs/ascend.md):
 
-* ``new``: ais_bench source from 2024-02 (3ffe8a42) on. ``exec_time_list`` holds one
-  ``(start_ms, end_ms)`` pair per execution, milliseconds since the session was
-  created; every binding call first makes the session's ACL context current on the
-  calling thread (``SetContext()``); ``free_resource()`` unloads the model; the
-  constructor refuses a model path with more than 32 ``/`` (``PATH_DEPTH_MAX``,
-  ``File::CheckFileBeforeRead``, 2024-08 on).
-* ``ait`` and ``old``: the 2023 builds (ait's packaged benchmark; the Ascend/tools
-  mirror). ``exec_time_list`` holds each execution's duration in ms
-  (``std::vector<float>``). The context is made current only in the constructor and
-  destructor, so it is current only on the thread that made the session: an
-  execution from another thread fails as ACL does without a current context
-  (``ACL_ERROR_RT_CONTEXT_NULL``, 107002; the message text here is ours). No
-  ``free_resource``: the model is unloaded when the session object is destroyed.
+| build | from | exec_time_list | context made current | free_resource |
+|---|---|---|---|---|
+| ``old`` | the 2023 Ascend/tools mirror | durations | by the constructor only | no |
+| ``ait-nomodes`` | ait 2023-05 .. 2023-09-04 (076e2e916) | durations | by the constructor only | no |
+| ``ait`` | ait 2023-09-11 (68d6db94b) .. 2023-10-09 | durations | on every call | yes |
+| ``ait-pairs`` | ait 2023-10-09 (8c67f6f51) .. 2023-10-23 | (start, end) pairs | on every call | yes |
+| ``new`` | ais_bench 2024-09 on | (start, end) pairs | on every call | yes |
+
+A duration is one execution's ms (``std::vector<float>``); a pair is
+``(start_ms, end_ms)``, ms since the session was created (float32). Where the
+context is made current only by the constructor (and destructor), an execution from
+another thread fails as ACL does without a current context
+(``ACL_ERROR_RT_CONTEXT_NULL``, 107002; the message text is the fake's own, no real
+build was seen printing it). Without ``free_resource`` the model is unloaded when
+the session object is destroyed. ``new`` also refuses a model path with more than 32
+``/`` (``PATH_DEPTH_MAX``, ``File::CheckFileBeforeRead``, 2024-08 on).
+
+Like aclruntime (``Log.h``: ``ERROR_LOG`` is a ``printf``), the fake prints its
+``[ERROR]`` and size-check lines on file descriptor 1 and raises only a short code.
 
 Test knobs (not in aclruntime): ``FAKE_ACL_CONTEXT`` = ``thread`` | ``call`` overrides
 the generation's context rule; ``FAKE_ACL_EXEC_MS``, when set, is the time every
@@ -38,8 +45,12 @@ execution is recorded as taking, so a test knows the device seconds to expect;
 ``loaded_models()`` counts the models this process holds loaded.
 ``FAKE_ASCEND_SOC``, when set, is the chip this "host" has: an OM built for another
 soc_version fails to load like a real one does (spec §1.9). ``FAKE_ACL_LOG``, when
-set, is a file where each session appends one JSON line: pid, device_id and the
-ASCEND_RT_VISIBLE_DEVICES its process saw (what a Ray NPU actor was given).
+set, is a file where each session appends one JSON line: pid, device_id, the
+ASCEND_RT_VISIBLE_DEVICES its process saw (what a Ray NPU actor was given) and
+``chip``, the logical id of the chip that device id opens (the visible list's entry
+at device_id, or device_id itself when the variable is unset).
+``FAKE_ACL_OPEN_ERROR``, when set, makes every session fail to open: the text is
+printed on fd 1 after ``[ERROR] ``, and ``RuntimeError("[1][ACL:invalid parameter]")`` raised.
 ``FAKE_ACL_RUN_LOG``, when set, is a file where each execution call appends one JSON
 line: pid, model and the batch it ran at (the selected gear of a dynamic-batch OM).
 ``FAKE_ACL_FREE_DIR``, when set, is a folder where each unloaded model leaves one file
@@ -51,7 +62,6 @@ import ctypes
 import enum
 import json
 import os
-import sys
 import threading
 import time
 from array import array
@@ -59,10 +69,13 @@ from array import array
 import numpy as np
 
 FAKE_OM_FORMAT = "fake-om/1"
+BUILDS = ("new", "ait-pairs", "ait", "ait-nomodes", "old")
 GENERATION = os.environ.get("FAKE_AIS_BENCH_API", "new")
-if GENERATION not in ("new", "ait", "old"):
-    raise ImportError(f"FAKE_AIS_BENCH_API={GENERATION!r}: use new, ait or old")
-CONTEXT = os.environ.get("FAKE_ACL_CONTEXT") or ("call" if GENERATION == "new" else "thread")
+if GENERATION not in BUILDS:
+    raise ImportError(f"FAKE_AIS_BENCH_API={GENERATION!r}: use one of {', '.join(BUILDS)}")
+PAIRS = GENERATION in ("new", "ait-pairs")  # exec_time_list entries are (start, end) pairs
+HAS_FREE = GENERATION in ("new", "ait-pairs", "ait")  # aclruntime has free_resource (and SetContext per call)
+CONTEXT = os.environ.get("FAKE_ACL_CONTEXT") or ("call" if HAS_FREE else "thread")
 if CONTEXT not in ("call", "thread"):
     raise ImportError(f"FAKE_ACL_CONTEXT={CONTEXT!r}: use call or thread")
 PATH_DEPTH_MAX = 32
@@ -78,6 +91,11 @@ _loaded = [0]
 def loaded_models() -> int:
     """Models loaded in this process and not yet unloaded (a test hook; aclruntime has no such call)."""
     return _loaded[0]
+
+
+def c_log(line: str) -> None:
+    """A line as aclruntime's printf writes it: on file descriptor 1, whatever Python's sys.stdout is."""
+    os.write(1, (line + "\n").encode())
 
 
 def _count_load(delta: int) -> None:
@@ -140,7 +158,7 @@ class sumary:  # noqa: N801 - the binding's spelling
 
     @property
     def exec_time_list(self) -> list:
-        if GENERATION == "new":
+        if PAIRS:
             return list(zip(self._starts, self._ends))
         return list(self._ends)
 
@@ -148,14 +166,18 @@ class sumary:  # noqa: N801 - the binding's spelling
     def exec_time_list(self, entries: list) -> None:
         self.clear()
         for entry in entries:
-            if GENERATION == "new":
+            if PAIRS:
                 self.record(*entry)
             else:
                 self.record(0.0, entry)
 
+    # pybind11 documents a def_readwrite member with its C++ type's Python form.
+    exec_time_list = property(exec_time_list.fget, exec_time_list.fset, doc="(self: aclruntime.sumary) -> " + (
+        "List[Tuple[float, float]]" if PAIRS else "List[float]"))
+
     def record(self, start_ms: float, end_ms: float) -> None:
         """One execution: a (start, end) pair in a 2024 build, its duration before."""
-        if GENERATION == "new":
+        if PAIRS:
             self._starts.append(start_ms)
             self._ends.append(end_ms)
         else:
@@ -196,7 +218,7 @@ class Tensor:
 
 
 class _Session2023:
-    """``aclruntime.InferenceSession`` of the 2023 builds (``ait`` and ``old``)."""
+    """``aclruntime.InferenceSession`` before ``free_resource`` (``old``, ``ait-nomodes``)."""
 
     def __init__(self, model_path: str, device_id: int, options: session_options) -> None:
         if not isinstance(model_path, str) or not isinstance(device_id, int):
@@ -208,10 +230,14 @@ class _Session2023:
         self._sumary = sumary()
         self._loaded = False
         self.device_id = device_id
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
         if os.environ.get("FAKE_ACL_LOG"):
             with open(os.environ["FAKE_ACL_LOG"], "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "device_id": device_id, "model": model_path,
-                                    "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")}) + "\n")
+                                    "visible": visible, "chip": _chip(visible, device_id)}) + "\n")
+        if os.environ.get("FAKE_ACL_OPEN_ERROR"):
+            c_log(f"[ERROR] {os.environ['FAKE_ACL_OPEN_ERROR']}")
+            raise RuntimeError("[1][ACL:invalid parameter]")
         self.om = _load_om(model_path)
         self.om_path = model_path
         import onnxruntime as ort
@@ -249,10 +275,9 @@ class _Session2023:
         if CONTEXT == "call":
             _current.device = self.device_id
         elif getattr(_current, "device", None) != self.device_id:
-            print(f"[ERROR] aclrtMalloc failed, ret={ACL_ERROR_RT_CONTEXT_NULL}: no ACL context is current on "
-                  f"thread {threading.current_thread().name!r} (the session was made on another thread)",
-                  file=sys.stderr)
-            raise RuntimeError(f"[{ACL_ERROR_RT_CONTEXT_NULL}][ACL: context is null]")
+            c_log(f"[ERROR] aclrtMalloc failed, ret={ACL_ERROR_RT_CONTEXT_NULL}: no ACL context is current on "
+                  f"thread {threading.current_thread().name!r} (the session was made on another thread)")
+            raise RuntimeError(f"[{ACL_ERROR_RT_CONTEXT_NULL}][fake: no current context]")
 
     # descriptors
 
@@ -287,7 +312,7 @@ class _Session2023:
         if not isinstance(batch, int):
             raise TypeError(f"set_dynamic_batchsize(): incompatible function arguments: {batch!r}")
         if self.gears is None or batch not in self.gears:
-            print(f"[ERROR] set dynamic batch size {batch} failed: gears {self.gears}", file=sys.stderr)
+            c_log(f"[ERROR] set dynamic batch size {batch} failed: gears {self.gears}")
             raise RuntimeError("[1][ACL:invalid parameter]")
         self._gear = batch
 
@@ -319,15 +344,14 @@ class _Session2023:
         if len(inputs) != len(descs):
             raise RuntimeError(f"input count {len(inputs)} != model input count {len(descs)}")
         if self.om["input_shape"][0] == -1 and self._gear is None:
-            print("[ERROR] dynamic batch model: no batch gear selected", file=sys.stderr)
+            c_log("[ERROR] dynamic batch model: no batch gear selected")
             raise RuntimeError("[1][ACL:invalid parameter]")
         feeds = {}
         for i, (tensor, desc) in enumerate(zip(inputs, descs)):
             if not isinstance(tensor, BaseTensor):
                 raise TypeError(f"input {i}: expected BaseTensor, got {type(tensor)}")
             if tensor.size != desc.realsize:
-                print(f"check i:{i} name:{desc.name} in size:{tensor.size} needsize:{desc.realsize} not match",
-                      file=sys.stderr)
+                c_log(f"check i:{i} name:{desc.name} in size:{tensor.size} needsize:{desc.realsize} not match")
                 raise RuntimeError("[1][ACL:general failure]")
             raw = ctypes.string_at(tensor.ptr, tensor.size)
             kind = np.dtype(_NUMPY[desc.datatype])
@@ -345,19 +369,31 @@ class _Session2023:
         pass
 
 
-class _Session2024(_Session2023):
-    """``aclruntime.InferenceSession`` of the 2024+ builds (``new``)."""
+class _SessionFree(_Session2023):
+    """``aclruntime.InferenceSession`` of ait from 2023-09-11 on (``ait``, ``ait-pairs``): ``free_resource()``."""
+
+    def free_resource(self) -> None:
+        self._unload()
+
+
+class _Session2024(_SessionFree):
+    """``aclruntime.InferenceSession`` of the 2024+ builds (``new``): the model path's depth is checked."""
 
     def _check_model_path(self, model_path: str) -> None:
         # File::CheckFileBeforeRead: the rest of its rules the Python wrapper checks first.
         depth = os.path.abspath(model_path).count("/")
         if depth > PATH_DEPTH_MAX:
-            print(f"[ERROR] path depth invalid ({depth} > {PATH_DEPTH_MAX})", file=sys.stderr)
-            print("[ERROR] model path illegal, please check.", file=sys.stderr)
+            c_log(f"[ERROR] path depth invalid ({depth} > {PATH_DEPTH_MAX})")
+            c_log("[ERROR] model path illegal, please check.")
             raise RuntimeError("please check model path")
 
-    def free_resource(self) -> None:
-        self._unload()
+
+def _chip(visible: str | None, device_id: int) -> int | None:
+    """The logical id device ``device_id`` is in a process whose ASCEND_RT_VISIBLE_DEVICES is ``visible``."""
+    if visible is None:
+        return device_id
+    ids = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+    return ids[device_id] if device_id < len(ids) else None
 
 
 def _record_free(model_path: str, how: str) -> None:
@@ -368,7 +404,7 @@ def _record_free(model_path: str, how: str) -> None:
             json.dump({"pid": os.getpid(), "model": model_path, "how": how}, f)
 
 
-InferenceSession = _Session2024 if GENERATION == "new" else _Session2023
+InferenceSession = {"new": _Session2024, "ait-pairs": _SessionFree, "ait": _SessionFree}.get(GENERATION, _Session2023)
 
 
 def _load_om(path: str) -> dict:
@@ -378,11 +414,11 @@ def _load_om(path: str) -> dict:
         if om.get("format") != FAKE_OM_FORMAT:
             raise ValueError(om.get("format"))
     except (OSError, ValueError) as e:
-        print(f"[ERROR] load model from file failed, model file is {path} ({e})", file=sys.stderr)
+        c_log(f"[ERROR] load model from file failed, model file is {path} ({e})")
         raise RuntimeError("[1][ACL:invalid parameter]") from None
     host_soc = os.environ.get("FAKE_ASCEND_SOC")
     if host_soc and host_soc != om["soc_version"]:
-        print(f"[ERROR] load model from file failed, model file is {path} "
-              f"(built for {om['soc_version']}, this chip is {host_soc})", file=sys.stderr)
+        c_log(f"[ERROR] load model from file failed, model file is {path} "
+              f"(built for {om['soc_version']}, this chip is {host_soc})")
         raise RuntimeError("[1][ACL:invalid parameter]")
     return om

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tasks.dataset import BoxSet, load_annotations, read_rgb
-from tasks.deploy import Variant
+from tasks.variant import Variant
 from tasks.spec import FASTPOSE
 from tasks.pipeline import prepare_batch
 from tasks.transforms import affine_matrix, box_xywh_to_center_scale, crops_to_input, flip_input

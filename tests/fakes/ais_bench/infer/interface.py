@@ -1,17 +1,23 @@
-"""Fake ``ais_bench.infer.interface.InferSession`` in the three API versions users have (spec ascend.md §1).
+"""Fake ``ais_bench.infer.interface.InferSession`` in the builds users have (spec ascend.md §1; docs/ascend.md).
 
-``FAKE_AIS_BENCH_API`` (read at import, by the fake ``aclruntime`` too) picks one:
+``FAKE_AIS_BENCH_API`` (read at import, by the fake ``aclruntime`` too) picks one; the
+dates are ait's (sync-ait ``ait/components/benchmark/ais_bench/infer/interface.py``):
 
 * ``new`` (ais_bench 2024-09 onward, built from source): model-file and argument
   checks before any device work, ``infer(feeds, mode='static', custom_sizes=100000,
-  out_array=True)`` with modes static/dymbatch/dymhw/dymdims/dymshape, ``summary()``
-  whose ``exec_time_list`` holds ``(start_ms, end_ms)`` pairs, ``reset_summaryinfo()``,
+  out_array=True)`` dispatching through the mode table ``infer_mode_switch``
+  (static/dymbatch/dymhw/dymdims/dymshape; another mode raises), ``summary()`` /
+  ``reset_summaryinfo()`` (ait aca9c296d, 2023-10-23), ``(start_ms, end_ms)`` pairs,
   ``free_resource()``, static ``finalize()``.
-* ``ait`` (2023, ait's packaged benchmark, as the prebuilt 0.0.2 wheels carry it):
-  no argument checks, ``infer(feeds, mode='static', custom_sizes=100000,
-  out_array=True)`` with static/dymbatch/dymhw/dymdims/dymshape, ``sumary()`` whose
-  ``exec_time_list`` holds durations in ms, ``reset_sumaryinfo()``, a
-  ``free_resource()`` that does nothing (its aclruntime has none), static ``finalize()``.
+* ``ait-pairs`` (ait 2023-10-09, 8c67f6f51, to 2023-10-23): the mode table, ``sumary()``
+  / ``reset_sumaryinfo()`` whose ``exec_time_list`` holds pairs, ``free_resource()``.
+* ``ait`` (ait 2023-09-11, 68d6db94b, to 2023-10-09): as ``ait-pairs`` with durations in ms.
+  (ee242d5de, 2023-09-08, brought the mode table; free_resource came three days later.)
+* ``ait-nomodes`` (ait 2023-05 to 2023-09-04, 076e2e916): ``infer(..., out_array=True)``
+  but no mode table: ``static`` selects nothing, ``dymshape``/``dymdims`` set shapes,
+  and any other mode, ``dymbatch`` included, is silently ignored, so a dynamic-batch
+  OM runs only after ``set_dynamic_batchsize``. ``sumary()`` with durations, no
+  ``free_resource``.
 * ``old`` (the 2023 GitHub mirror of Ascend/tools): ``infer(feeds, mode='static',
   custom_sizes=100000)`` with static/dymshape/dymdims only, ``sumary()`` with
   durations, ``reset_sumaryinfo()``, no ``free_resource``; a gear is selected with
@@ -33,8 +39,8 @@ import aclruntime
 import numpy as np
 
 API = os.environ.get("FAKE_AIS_BENCH_API", "new")
-if API not in ("new", "ait", "old"):
-    raise ImportError(f"FAKE_AIS_BENCH_API={API!r}: use new, ait or old")
+if API not in aclruntime.BUILDS:
+    raise ImportError(f"FAKE_AIS_BENCH_API={API!r}: use one of {', '.join(aclruntime.BUILDS)}")
 
 OM_MODEL_MAX_SIZE = 10 * 1024 ** 3
 _PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")
@@ -148,21 +154,54 @@ def _arrays(feeds) -> tuple[list[np.ndarray], list]:
     return inputs, shapes
 
 
+class _NoModesInfer(_Common):
+    """``infer()`` with ``out_array`` and no mode table: ait 2023-05 to 2023-09-04."""
+
+    def infer(self, feeds, mode="static", custom_sizes=100000, out_array=True):
+        if not isinstance(feeds, list):  # stricter: the 2023 source iterated any sequence
+            raise RuntimeError(f"type:{type(feeds)} invalid")
+        inputs, _ = _arrays(feeds)
+        if mode in ("dymshape", "dymdims"):
+            raise RuntimeError(f"fake ais_bench: mode {mode!r} is valid but not modelled by this fake")
+        # Any other mode, 'static' and 'dymbatch' included, sets nothing: the gear stays as it was.
+        return self.run(inputs, out_array)
+
+    def sumary(self):
+        return self.session.sumary()
+
+    def reset_sumaryinfo(self) -> None:
+        self.session.reset_sumaryinfo()
+
+    @staticmethod
+    def finalize() -> None:
+        if hasattr(aclruntime.InferenceSession, "finalize"):
+            aclruntime.InferenceSession.finalize()
+
+
 class _OutArrayInfer(_Common):
-    """``infer()`` with ``out_array`` and the dymbatch mode: ait's 2023 benchmark and ais_bench 2024."""
+    """``infer()`` through the mode table ``infer_mode_switch``: ait from 2023-09-08, ais_bench 2024."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.infer_mode_switch = {"static": self._static_prepare, "dymbatch": self._dymbatch_prepare,
+                                  "dymhw": self._not_modelled, "dymdims": self._not_modelled,
+                                  "dymshape": self._not_modelled}
 
     def _infer(self, feeds, mode: str, out_array: bool):
         inputs, shapes = _arrays(feeds)
-        if mode == "static":
-            self.set_staticbatch()
-        elif mode == "dymbatch":
-            self._dymbatch_prepare(shapes)
-        elif mode in ("dymhw", "dymdims", "dymshape"):
-            raise RuntimeError(f"fake ais_bench: mode {mode!r} is valid but not modelled by this fake")
-        else:
+        prepare = self.infer_mode_switch.get(mode)
+        if prepare is None:
             raise RuntimeError(f"wrong infer_mode:{mode}, only support \"static\",\"dymbatch\",\"dymhw\", "
                                "\"dymdims\",\"dymshape\"")
+        prepare(shapes)
         return self.run(inputs, out_array)
+
+    def _static_prepare(self, shapes) -> None:
+        self.set_staticbatch()
+
+    @staticmethod
+    def _not_modelled(shapes) -> None:
+        raise RuntimeError("fake ais_bench: this mode is valid but not modelled by this fake")
 
     def _dymbatch_prepare(self, shapes) -> None:
         indesc = self.get_inputs()
@@ -178,7 +217,7 @@ class _OutArrayInfer(_Common):
         raise RuntimeError("not a dymbatch model!")
 
     def free_resource(self) -> None:
-        if hasattr(self.session, "free_resource"):  # the 2023 aclruntime has none: a no-op there
+        if hasattr(self.session, "free_resource"):
             self.session.free_resource()
 
     @staticmethod
@@ -208,6 +247,13 @@ class _NewInferSession(_OutArrayInfer):
 
     def reset_summaryinfo(self) -> None:
         self.session.reset_sumaryinfo()
+
+
+class _NoModesInferSession(_NoModesInfer):
+    def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
+                 loop: int = 1) -> None:
+        check_device_range_valid(device_id)  # stricter: the 2023 source passed it to pybind as is
+        super().__init__(device_id, model_path, acl_json_path, debug, loop)
 
 
 class _AitInferSession(_OutArrayInfer):
@@ -260,4 +306,5 @@ class _OldInferSession(_Common):
             self.session.finalize()
 
 
-InferSession = {"new": _NewInferSession, "ait": _AitInferSession, "old": _OldInferSession}[API]
+InferSession = {"new": _NewInferSession, "ait-pairs": _AitInferSession, "ait": _AitInferSession,
+                "ait-nomodes": _NoModesInferSession, "old": _OldInferSession}[API]
