@@ -54,7 +54,8 @@ def run_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision-mode", metavar="MODE",
                      help="--backend om: ATC's --precision_mode (default force_fp16; allow_fp32_to_fp16, "
                           "must_keep_origin_dtype, allow_mix_precision, ...) or a --precision_mode_v2 name "
-                          "(fp16, origin, mixed_float16, ...); each mode converts its own OM")
+                          "(fp16, origin, mixed_float16, ...); each mode converts its own OM; several, comma-"
+                          "separated, run like several batch sizes (a summary row each)")
     run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",
                      help="speed of each --backend sim device, in network inputs per second (default 1000)")
     run.add_argument("--shard-size", type=int, help="boxes per shard (rounded up to whole batches)")

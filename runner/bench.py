@@ -77,7 +77,7 @@ def bare_throughput(cfg: RunConfig) -> dict:
     devices = parse_devices(cfg.cluster.devices)
     if len(devices) != 1:
         raise RunError("the bare figure is for one device: --devices cpu (or one accelerator)")
-    plan = settle(cfg, devices)
+    plan = settle(cfg, devices)[0]  # the bare figure is one model: the first --precision-mode
     backend_name, bs = plan.backend, cfg.bs[0]
     model_path = prepare_model(cfg, plan, inputs_.weights, box_set, bs)
     placement = placements(devices, backend_name, cfg.backend.threads, float(os.cpu_count() or 1))[0]

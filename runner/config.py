@@ -65,7 +65,7 @@ class ModelConfig:
     flip: FlipMode
     uint8_input: bool | None  # None: auto, settled in the run's plan (runner.plan)
     om_batch: str  # static (one OM per batch size) | dynamic (one OM, a gear per batch size)
-    precision_mode: str  # ATC's --precision_mode (or _v2) of an OM; part of its cache key
+    precision_modes: tuple[str, ...]  # ATC's --precision_mode (or _v2) of the OM; several run like several bs
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,8 @@ class RunConfig:
 KEYS = {
     **{k: ("data", k) for k in ("dataroot", "dets", "boxes", "ann", "skip_missing_images", "synthetic", "seed",
                                 "detector_weights", "detector_cfg")},
-    **{k: ("model", k) for k in ("weights", "models_dir", "uint8_input", "om_batch",
-                                 "precision_mode")},
+    **{k: ("model", k) for k in ("weights", "models_dir", "uint8_input", "om_batch")},
+    "precision_mode": ("model", "precision_modes"),
     "backend": ("backend", "name"), "threads": ("backend", "threads"), "prep_threads": ("backend", "prep_threads"),
     "sim_rate": ("backend", "sim_rate"), "allow_opencv_mismatch": ("backend", "allow_opencv_mismatch"),
     **{k: ("cluster", k) for k in ("devices", "address", "soc_version")},
@@ -216,12 +216,22 @@ def _check_choices(values: dict) -> None:
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
     if values["om_batch"] not in ("static", "dynamic"):
         raise ConfigError(f"om_batch: {values['om_batch']!r} is not static or dynamic")
-    check_precision_mode(values["precision_mode"])
+    values["precision_mode"] = precision_modes(values["precision_mode"])
     if values["om_batch"] == "dynamic" and not 2 <= len(set(values["bs"])) <= 100:
         # ATC's rule (its E10035): a dynamic-batch OM has 2 to 100 gears, the batch sizes.
         raise ConfigError(f"om_batch dynamic with bs {','.join(map(str, values['bs']))}: ATC builds a dynamic-batch "
                           "OM for 2 to 100 batch sizes (gears); give two or more (--bs 1,4,8) or use "
                           "--om-batch static")
+
+
+def precision_modes(value) -> tuple[str, ...]:
+    """``force_fp16``, ``"force_fp16,must_keep_origin_dtype"`` or a list -> the modes, each checked, none twice."""
+    modes = tuple(str(m).strip() for m in (value if isinstance(value, (list, tuple)) else str(value).split(",")))
+    for mode in modes:
+        check_precision_mode(mode)
+    if len(set(modes)) != len(modes):
+        raise ConfigError(f"precision_mode: {','.join(modes)} names a mode twice")
+    return modes
 
 
 def check_precision_mode(mode) -> None:
@@ -246,6 +256,7 @@ def flat(cfg: RunConfig) -> dict:
     """The configuration as its flat keys: what run.json records and ``--resume`` compares."""
     out = {key: getattr(getattr(cfg, section), name) for key, (section, name) in KEYS.items()}
     out["uint8_input"] = "auto" if cfg.model.uint8_input is None else cfg.model.uint8_input
+    out["precision_mode"] = ",".join(cfg.model.precision_modes)
     out.update(bs=list(cfg.bs), shard_size=cfg.shard_size, flip=cfg.model.flip.flip,
                fused_flip=cfg.model.flip.fused)
     return out

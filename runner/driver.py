@@ -59,41 +59,47 @@ class RunOutcome:
 
 
 def run(cfg: RunConfig, log=print) -> list[RunOutcome]:
-    """Every batch size of ``cfg.bs``, in order: one outcome each."""
+    """Every batch size of ``cfg.bs`` (on OM, for each ``--precision-mode``), in order: one outcome each."""
     if len(set(cfg.bs)) != len(cfg.bs):
         raise RunError(f"--bs {','.join(map(str, cfg.bs))}: a batch size is repeated")
     from runner.detect import plan_detection, run_planned_detection
 
     log = (lambda *a, **k: None) if cfg.output.quiet else log
     laps = Laps()
-    out = prepare_out(Path(cfg.output.out), cfg.output, sweep=len(cfg.bs) > 1)
+    out = prepare_out(Path(cfg.output.out), cfg.output, sweep=len(cfg.bs) * len(cfg.model.precision_modes) > 1)
     detection = plan_detection(cfg, log)  # --dets FILE not there yet and --detector-weights: detect first
     inputs = None if detection else load_inputs(cfg)
     laps.mark("inputs")
     with session_for(cfg) as session:
         laps.mark("ray_start")
-        plan = settle(cfg, session.devices)
+        plans = settle(cfg, session.devices)
+        backend = plans[0].backend
         if detection:
-            run_planned_detection(detection, session, cfg, plan.backend, log)
+            run_planned_detection(detection, session, cfg, backend, log)
             inputs = load_inputs(cfg)
             laps.mark("detection")
-        with actor_pool(session, Worker, plan.backend, cfg.backend.threads, log=log) as pool:
-            outcomes = [run_batch_size(cfg, plan, session, pool, inputs, bs, out, log) for bs in cfg.bs]
+        runs = [(plan, bs, run_dir(out, plan, bs, len(plans), len(cfg.bs))) for plan in plans for bs in cfg.bs]
+        with actor_pool(session, Worker, backend, cfg.backend.threads, log=log) as pool:
+            outcomes = [run_batch_size(cfg, plan, session, pool, inputs, bs, where, log, several=len(runs) > 1)
+                        for plan, bs, where in runs]
             laps.mark("run")
     laps.mark("ray_stop")
     finish(cfg, out, outcomes, laps, log)
     return outcomes
 
 
-def batch_dir(out: Path, bs: int) -> Path:
-    return out / f"bs{bs}"
+def run_dir(out: Path, plan: RunPlan, bs: int, modes: int, sizes: int) -> Path:
+    """OUT for a single run; ``OUT/bs{N}`` in a sweep; ``OUT/bs{N}-{precision mode}`` with several modes."""
+    if modes * sizes == 1:
+        return out
+    return out / (f"bs{bs}-{plan.precision_mode}" if modes > 1 else f"bs{bs}")
 
 
 def run_batch_size(cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorPool, inputs: Inputs, bs: int,
-                   out: Path, log) -> RunOutcome:
-    """One full pass over the boxes at ``bs``: into OUT, or OUT/bs{N} in a sweep."""
-    if len(cfg.bs) > 1:
-        out = prepare_out(batch_dir(out, bs), cfg.output)
+                   out: Path, log, several: bool = False) -> RunOutcome:
+    """One full pass over the boxes at ``bs`` into ``out`` (a run of a sweep when ``several``)."""
+    if several:
+        out = prepare_out(out, cfg.output)
     batch = plan_batch(cfg, plan, inputs, bs, out, log)
     if batch.finished_before:
         log(f"bs {bs}: finished before, kept ({out})")
@@ -103,9 +109,9 @@ def run_batch_size(cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorP
     outcome = write(batch, summary)
     report(batch, executed, summary, outcome, cfg, plan)
     write_run(batch, executed, summary, cfg, plan, outcome.throughput)
-    if len(cfg.bs) > 1:
+    if several:
         totals = outcome.throughput["totals"]
-        log(f"bs {bs}: {format_metrics(outcome.metrics).splitlines()[0]}, sum of device fps "
+        log(f"{out.name}: {format_metrics(outcome.metrics).splitlines()[0]}, sum of device fps "
             f"{totals['sum_device_fps']:.1f}, e2e {totals['e2e_boxes_per_s']:.1f} boxes/s")
     return outcome
 
@@ -115,11 +121,11 @@ def finish(cfg: RunConfig, out: Path, outcomes: list[RunOutcome], laps: Laps, lo
     if len(outcomes) > 1:
         from runner.report import load_run
 
-        log(write_summary(out, [load_run(batch_dir(out, bs)) for bs in sorted(cfg.bs)]))
+        log(write_summary(out, [load_run(outcome.out) for outcome in outcomes]))
         log(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary.json'}, "
             f"{out / 'throughput.png'}")
         if cfg.output.report:
-            log(f"report: {write_sweep_index(out, cfg.bs)}")
+            log(f"report: {write_sweep_index(out, [outcome.out for outcome in outcomes])}")
         else:
             (out / "report.html").unlink(missing_ok=True)  # an earlier sweep's index would link stale pages
         return

@@ -91,9 +91,11 @@ def check_parity(cfg: RunConfig, plan: RunPlan, inputs: Inputs, bs: int, merged:
     ref = rescored_records(pose_columns(inputs.box_set.boxes, ref_ids, ref_kpts, ref_crops))
     figures = compare_results(ran, ref).as_dict()
     name, tolerance = tolerance_for(backend)
+    if plan.precision_mode:  # the tolerance says which OM it was held to
+        name = f"{name} (ATC precision_mode {plan.precision_mode})"
     passed = verdict(figures, tolerance) and figures["unmatched_a"] == figures["unmatched_b"] == 0
-    parity = {"backend": backend, "reference_backend": reference, "reference_device": "cpu",
-              "boxes": len(boxes), **figures, "tolerance": {"name": name, **tolerance},
+    parity = {"backend": backend, "precision_mode": plan.precision_mode, "reference_backend": reference,
+              "reference_device": "cpu", "boxes": len(boxes), **figures, "tolerance": {"name": name, **tolerance},
               "verdict": "pass" if passed else "fail"}
     write_json(out / "parity.json", parity)
     log(f"parity {backend} vs {reference} on {len(boxes)} boxes: {parity['verdict'].upper()} "

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.devices import Device
 from runner.config import RunConfig
@@ -29,7 +29,15 @@ class RunPlan:
     precision_mode: str | None = None  # ATC's precision mode of the OM; None when the backend is not om
 
 
-def settle(cfg: RunConfig, devices: list[Device]) -> RunPlan:
+def settle(cfg: RunConfig, devices: list[Device]) -> list[RunPlan]:
+    """The command's plans: one, or on OM one per ``--precision-mode`` (each runs like another batch size)."""
+    plan = settle_one(cfg, devices)
+    if plan.backend != "om":
+        return [plan]
+    return [replace(plan, precision_mode=mode) for mode in cfg.model.precision_modes]
+
+
+def settle_one(cfg: RunConfig, devices: list[Device]) -> RunPlan:
     backend = choose_backend(cfg.backend.name, devices)
     uint8 = cfg.model.uint8_input
     if uint8 is None:
@@ -38,7 +46,7 @@ def settle(cfg: RunConfig, devices: list[Device]) -> RunPlan:
     gears = tuple(sorted(set(cfg.bs))) if om and cfg.model.om_batch == "dynamic" else None
     return RunPlan(backend, Variant(fused_flip=cfg.model.flip.fused, uint8_input=uint8), cfg.model.flip.flip,
                    gears, tuple(devices), soc_version(devices) if om else None,
-                   cfg.model.precision_mode if om else None)
+                   cfg.model.precision_modes[0] if om else None)
 
 
 def choose_backend(name: str, devices: list[Device]) -> str:

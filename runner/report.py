@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import UserError
-from tasks.files import atomic_write_text
 from tasks.compare import compare_results
+from tasks.errors import UserError
+from tasks.files import atomic_file, atomic_write_text
 from tasks.keypoint_errors import ERROR_CLASSES, KEYPOINT_NAMES, diff_analyses
 
 
@@ -30,7 +30,8 @@ class SavedRun:
     model: str
     metrics: dict
     throughput: dict
-    phases: dict  # run.json's phases_seconds: the driver's seconds per phase ({} for older runs)
+    phases: dict  # run.json's phases_seconds: the driver's seconds per phase
+    precision: str | None = None  # an OM's ATC precision mode (run.json's plan); None for other backends
 
 
 def outside_window(phases: dict) -> float | None:
@@ -43,7 +44,8 @@ def load_run(path: Path) -> SavedRun:
     bs = run.get("bs") or run["config"]["bs"][0]
     model = run.get("model", {}).get("name", "FastPose ResNet-50 256x192")
     return SavedRun(path, int(bs), run["backend"], model, json.loads((path / "metrics.json").read_text()),
-                    json.loads((path / "throughput.json").read_text()), run.get("phases_seconds", {}))
+                    json.loads((path / "throughput.json").read_text()), run["phases_seconds"],
+                    run["plan"].get("precision_mode"))
 
 
 def load_runs(path: str | Path) -> list[SavedRun]:
@@ -54,7 +56,7 @@ def load_runs(path: str | Path) -> list[SavedRun]:
     runs = [load_run(d) for d in path.glob("bs*") if (d / "run.json").exists()]
     if not runs:
         raise ReportError(f"{path}: no saved run (run.json) here or in its bs*/ directories")
-    return sorted(runs, key=lambda r: r.bs)
+    return sorted(runs, key=lambda r: (r.precision or "", r.bs))
 
 
 def _map(run: SavedRun) -> float | None:
@@ -66,7 +68,7 @@ def summary_rows(runs: list[SavedRun]) -> list[dict]:
     rows = []
     for r in runs:
         t = r.throughput["totals"]
-        rows.append({"model": r.model, "backend": r.backend, "bs": r.bs, "mAP": _map(r),
+        rows.append({"model": r.model, "backend": r.backend, "precision": r.precision, "bs": r.bs, "mAP": _map(r),
                      "device_fps": {d["id"]: d["device_fps"] for d in r.throughput["devices"]},
                      "device_crops": {d["id"]: d["crops"] for d in r.throughput["devices"]},
                      "sum_device_fps": t["sum_device_fps"], "e2e_boxes_per_s": t["e2e_boxes_per_s"],
@@ -83,14 +85,22 @@ def _fmt_map(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def precisions(rows: list[dict]) -> list[str | None]:
+    """The precision modes of a summary's rows, in order; [None] when no row is an OM's."""
+    return list(dict.fromkeys(row["precision"] for row in rows))
+
+
 def table_columns(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The summary table; a ``precision`` column when the rows are of several precision modes."""
     devices = _device_ids(rows)
-    head = ["model", "backend", "bs", "mAP", *[f"{d} fps" for d in devices], "sum device fps",
-            "e2e boxes/s", "e2e crops/s", "outside window s"]
+    several = len(precisions(rows)) > 1
+    head = ["model", "backend", *(["precision"] if several else []), "bs", "mAP", *[f"{d} fps" for d in devices],
+            "sum device fps", "e2e boxes/s", "e2e crops/s", "outside window s"]
     body = []
     for row in rows:
         fps = [f"{row['device_fps'][d]:.1f}" if row["device_crops"].get(d) else "-" for d in devices]
-        body.append([row["model"], row["backend"], str(row["bs"]), _fmt_map(row["mAP"]), *fps,
+        body.append([row["model"], row["backend"], *([row["precision"]] if several else []), str(row["bs"]),
+                     _fmt_map(row["mAP"]), *fps,
                      f"{row['sum_device_fps']:.1f}", f"{row['e2e_boxes_per_s']:.1f}", f"{row['e2e_crops_per_s']:.1f}",
                      "-" if row["outside_window_s"] is None else f"{row['outside_window_s']:.1f}"])
     return head, body
@@ -141,16 +151,21 @@ def knee_line(point: dict | None) -> str:
 
 def write_summary(out: Path, runs: list[SavedRun]) -> str:
     """``summary.md``, ``summary.csv``, ``summary.json`` and ``throughput.png`` in ``out``; returns the table."""
-    rows = summary_rows(runs)
+    order = {p: k for k, p in enumerate(dict.fromkeys(r.precision for r in runs))}
+    rows = summary_rows(sorted(runs, key=lambda r: (order[r.precision], r.bs)))
     head, body = table_columns(rows)
-    point = knee(rows)
-    atomic_write_text(out / "summary.md", format_markdown(head, body) + f"\n\n{knee_line(point)}\n\n{SCOPE_NOTE}\n")
+    knees = {p: knee([r for r in rows if r["precision"] == p]) for p in precisions(rows)}
+    point = next(iter(knees.values()))
+    lines = "\n".join(knee_line(k) + (f" ({p})" if len(knees) > 1 else "") for p, k in knees.items())
+    atomic_write_text(out / "summary.md", format_markdown(head, body) + f"\n\n{lines}\n\n{SCOPE_NOTE}\n")
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([head, *body])
     atomic_write_text(out / "summary.csv", buf.getvalue())
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "knee": point, "scope": SCOPE_NOTE}, indent=1))
+    by_mode = {"knee_by_precision": knees} if len(knees) > 1 else {}
+    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "knee": point, **by_mode, "scope": SCOPE_NOTE},
+                                                       indent=1))
     plot_throughput(rows, out / "throughput.png")
-    return format_table(head, body) + "\n" + knee_line(point)
+    return format_table(head, body) + "\n" + lines
 
 
 #: throughput.png's size in pixels (width, height): figsize times dpi, no tight bounding box.
@@ -176,19 +191,11 @@ def throughput_figure(rows: list[dict]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(PLOT_SIZE[0] / _DPI, PLOT_SIZE[1] / _DPI), dpi=_DPI)
-    bs = [row["bs"] for row in rows]
-    for d in _device_ids(rows):
-        ax.plot(*device_points(rows, d), marker="o", label=f"{d} device fps")
-    total = [row["sum_device_fps"] for row in rows]
-    ax.plot(bs, total, marker="s", linewidth=2, color="black", label="sum of device fps")
-    ax.plot(bs, [row["e2e_crops_per_s"] for row in rows], marker="^", linestyle="--", color="gray",
-            label="end to end crops/s")
-    for x, y, row in zip(bs, total, rows):
-        ax.annotate(f"mAP {_fmt_map(row['mAP'])}", (x, y), textcoords="offset points", xytext=(0, 8),
-                    ha="center", fontsize=8)
-    point = knee(rows)
-    if point is not None:
-        ax.axvline(point["bs"], color="tab:red", linestyle=":", label=f"knee: bs {point['bs']}")
+    modes = precisions(rows)
+    for k, mode in enumerate(modes):  # several precision modes: a set of lines each, the mode in the legend
+        _plot_lines(ax, [r for r in rows if r["precision"] == mode], f" ({mode})" if len(modes) > 1 else "",
+                    ("-", "-.", ":", (0, (5, 1)))[k % 4])
+    bs = sorted({row["bs"] for row in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(bs, [str(b) for b in bs])
     ax.set_ylim(bottom=0)
@@ -200,15 +207,31 @@ def throughput_figure(rows: list[dict]):
     return fig
 
 
+def _plot_lines(ax, rows: list[dict], suffix: str, style) -> None:
+    """One precision mode's lines: each device, their sum with mAP at each point, end to end, the knee."""
+    bs = [row["bs"] for row in rows]
+    for d in _device_ids(rows):
+        ax.plot(*device_points(rows, d), marker="o", linestyle=style, label=f"{d} device fps{suffix}")
+    total = [row["sum_device_fps"] for row in rows]
+    ax.plot(bs, total, marker="s", linewidth=2, color="black", linestyle=style, label=f"sum of device fps{suffix}")
+    ax.plot(bs, [row["e2e_crops_per_s"] for row in rows], marker="^", linestyle="--", color="gray",
+            label=f"end to end crops/s{suffix}")
+    for x, y, row in zip(bs, total, rows):
+        ax.annotate(f"mAP {_fmt_map(row['mAP'])}", (x, y), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
+    point = knee(rows)
+    if point is not None:
+        ax.axvline(point["bs"], color="tab:red", linestyle=":", label=f"knee: bs {point['bs']}{suffix}")
+
+
 def plot_throughput(rows: list[dict], path: Path) -> None:
     """Throughput against batch size: one line per device and the total, mAP at each total point, the knee."""
     import matplotlib.pyplot as plt
 
     fig = throughput_figure(rows)
     try:
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=_DPI)
-        tmp.replace(path)
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=_DPI)
     finally:
         plt.close(fig)
 

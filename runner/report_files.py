@@ -179,13 +179,14 @@ def write_report(rec: RunRecord, full: bool, results: Callable[[], list[dict]], 
 # ---------------------------------------------------------------- a sweep's index
 
 
-def write_sweep_index(out: Path, sizes: Sequence[int]) -> Path:
-    """OUT/report.html of a sweep: summary.json's table, throughput.png inline, a link per batch size."""
+def write_sweep_index(out: Path, runs: Sequence[Path]) -> Path:
+    """OUT/report.html of a sweep: summary.json's table, throughput.png inline, a link per run (``bs{N}/``,
+    or ``bs{N}-{precision mode}/``)."""
     summary = json.loads((out / "summary.json").read_text())
-    pages = [(f"bs {bs}", f"bs{bs}/report.html") for bs in sorted(sizes) if (out / f"bs{bs}" / "report.html").exists()]
+    pages = [(d.name.replace("bs", "bs ", 1), f"{d.name}/report.html") for d in runs if (d / "report.html").exists()]
     plot = out / "throughput.png"
     rows = [{k: v for k, v in row.items() if k != "dir"} for row in summary["rows"]]
-    page = sweep_index_html(f"sweep · bs {', '.join(map(str, sorted(sizes)))} · {out.name}", rows, pages,
+    page = sweep_index_html(f"sweep · {', '.join(d.name for d in runs)} · {out.name}", rows, pages,
                             plot.read_bytes() if plot.exists() else None, summary.get("knee"))
     atomic_write_text(out / "report.html", page)
     return out / "report.html"

@@ -67,11 +67,16 @@ def test_checked_boxes_are_whole_batches():
     assert checked_boxes(boxes, 1, 1) == [0] and len(checked_boxes(np.arange(10).tolist(), 8, 4)) == 8
 
 
-def test_om_against_the_checkpoint_on_fake_npus(tmp_path, exported):
-    """``--backend om --check-backend torch``: the OM-vs-pth check, the OM run through the fake ais_bench."""
+MODES = ("force_fp16", "must_keep_origin_dtype")
+
+
+def test_om_against_the_checkpoint_on_fake_npus_per_precision_mode(tmp_path, exported):
+    """``--backend om --check-backend torch``: the OM-vs-pth check, the OM run through the fake ais_bench;
+    two ``--precision-mode``s run like two batch sizes: an OM each, a parity each, a summary row each."""
+    import csv
     import sys
 
-    from ray_support import cli_env, fake_npu_env, run_cli
+    from ray_support import cli_env, fake_npu_env, logged, run_cli
     from tasks.export import ExportOptions
 
     models = exported(tmp_path / "models", ExportOptions(batch_size=4))
@@ -79,11 +84,32 @@ def test_om_against_the_checkpoint_on_fake_npus(tmp_path, exported):
     out = tmp_path / "om"
     proc = run_cli([sys.executable, "-m", "runner", "--synthetic", "8", "--bs", "4", "--devices", "0,1",
                     "--backend", "om", "--check-backend", "torch", "--check-boxes", "4", "--threads", "2",
-                    "--models-dir", str(models), "--out", str(out)],
+                    "--precision-mode", ",".join(MODES), "--models-dir", str(models), "--out", str(out)],
                    fake_npu_env(cli_env(), tmp_path), tmp_path)
-    parity = json.loads((out / "parity.json").read_text())
-    assert parity["backend"] == "om" and parity["reference_backend"] == "torch" and parity["boxes"] == 4
-    assert parity["tolerance"]["name"] == "fp16" and parity["verdict"] == "pass"
-    # The fake runs the OM's ONNX on this CPU in fp32: the checkpoint's keypoints to ~1e-5 px.
-    assert parity["max_abs_px"] < 1e-3 and parity["mean_oks"] > 0.999
-    assert "parity om vs torch on 4 boxes: PASS (" in proc.stdout
+    for mode in MODES:
+        parity = json.loads((out / f"bs4-{mode}" / "parity.json").read_text())
+        assert parity["backend"] == "om" and parity["reference_backend"] == "torch" and parity["boxes"] == 4
+        assert parity["tolerance"]["name"] == f"fp16 (ATC precision_mode {mode})" and parity["verdict"] == "pass"
+        # The fake runs the OM's ONNX on this CPU in fp32: the checkpoint's keypoints to ~1e-5 px.
+        assert parity["max_abs_px"] < 1e-3 and parity["mean_oks"] > 0.999
+        assert json.loads((out / f"bs4-{mode}" / "run.json").read_text())["plan"]["precision_mode"] == mode
+    assert proc.stdout.count("parity om vs torch on 4 boxes: PASS (") == 2
+    argvs = logged(tmp_path / "atc.jsonl")  # one OM per mode, the default's without the flag
+    assert [[a for a in argv if a.startswith("--precision_mode")] for argv in argvs] == \
+        [[], ["--precision_mode=must_keep_origin_dtype"]]
+    with open(out / "summary.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][:4] == ["model", "backend", "precision", "bs"]
+    assert [row[2:4] for row in table[1:]] == [[MODES[0], "4"], [MODES[1], "4"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["knee_by_precision"]) == set(MODES)
+    import matplotlib.pyplot as plt
+
+    from runner.report import throughput_figure
+
+    fig = throughput_figure(summary["rows"])  # the plot's legend names each mode's lines
+    try:
+        labels = {line.get_label() for line in fig.axes[0].lines}
+    finally:
+        plt.close(fig)
+    assert {f"sum of device fps ({mode})" for mode in MODES} <= labels

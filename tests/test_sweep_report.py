@@ -137,7 +137,7 @@ def test_summary_names_the_knee(sweep):
 def row(bs: int, e2e: float, fps: dict[str, float] | None = None) -> dict:
     """A summary row with what the knee and the plot read; ``fps`` per device, 0 for one that computed nothing."""
     fps = {"npu:0": e2e / 2, "npu:1": e2e / 2} if fps is None else fps
-    return {"model": "m", "backend": "om", "bs": bs, "mAP": None, "device_fps": fps,
+    return {"model": "m", "backend": "om", "precision": "force_fp16", "bs": bs, "mAP": None, "device_fps": fps,
             "device_crops": {d: (100 if v else 0) for d, v in fps.items()},
             "sum_device_fps": sum(fps.values()), "e2e_boxes_per_s": e2e / 2, "e2e_crops_per_s": e2e}
 

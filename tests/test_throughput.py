@@ -169,7 +169,7 @@ def test_uint8_input_auto_is_on_where_it_is_exact_on_the_host(backend, devices, 
     cfg = load_config(None, {"uint8_input": asked, "backend": backend})
     assert cfg.model.uint8_input is asked  # the default YAML says auto
     devices = [Device(kind, i, kind, soc="Ascend310P3" if kind == "npu" else None) for i in range(int(count or 1))]
-    plan = settle(cfg, devices)
+    (plan,) = settle(cfg, devices)
     assert plan.variant.uint8_input is settled and plan.backend == backend
 
 
