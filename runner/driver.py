@@ -111,7 +111,8 @@ def run_batch_size(cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorP
     write_run(batch, executed, summary, cfg, plan, outcome.throughput)
     if several:
         totals = outcome.throughput["totals"]
-        log(f"{out.name}: {format_metrics(outcome.metrics).splitlines()[0]}, sum of device fps "
+        mode = f" {plan.precision_mode}" if out.name != f"bs{bs}" else ""  # several precision modes
+        log(f"bs {bs}{mode}: {format_metrics(outcome.metrics).splitlines()[0]}, sum of device fps "
             f"{totals['sum_device_fps']:.1f}, e2e {totals['e2e_boxes_per_s']:.1f} boxes/s")
     return outcome
 
