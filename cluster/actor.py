@@ -1,16 +1,18 @@
 """The pose stage's device worker: boxes -> crops -> network (normal and mirrored) -> keypoints.
 
 ``Worker`` is a ``cluster.worker.DeviceWorker``: its device thread owns the session
-and makes the backend calls of ``tasks.pipeline`` back to back. It holds no numerics
-of its own: prefetch threads prepare crops and network inputs and queue them for
-the device thread; the shard's own thread merges and decodes. It returns keypoints
-keyed by box id, never heatmaps unless asked to dump them on its own side.
+and makes the backend calls of ``tasks.pipeline`` back to back. The host work runs
+in its ``cluster.host_work.HostPool`` processes, not its own (aclruntime keeps the
+GIL while the device computes): ``prepare_into`` reads, crops and writes a batch's
+network inputs into a shared slot, the device thread runs them and writes the
+outputs beside them, ``decode_from`` merges and decodes them there. The worker
+holds no numerics of its own and returns keypoints keyed by box id, never heatmaps
+unless asked to dump them on its own side.
 """
 from __future__ import annotations
 
-import threading
+import os
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -18,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.host_work import ArraySpec, BatchSlots, HostPool, HostState, slot_room
+from cluster.staging import ShippedModel, local_model
 from cluster.worker import DeviceWorker, WorkerPlace
 from tasks.backends import open_backend
-from tasks.dataset import Box, ImageError, read_rgb
+from tasks.dataset import Box, ImageError, decode_rgb, read_rgb
 from tasks.decode import decode_keypoints
 from tasks.files import atomic_file
 from tasks.opencv_check import check_opencv
-from tasks.pipeline import PreparedBatch, merge_outputs, network_inputs, prepare_batch, run_network, warm_up
-from tasks.variant import Variant
+from tasks.pipeline import merge_heatmaps, network_inputs, prepare_batch, run_network, warm_up
+from tasks.variant import Variant, bytes_per_box
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,16 @@ class WorkerConfig:
     place: WorkerPlace
     model_path: str
     batch_size: int
-    prep_threads: int = 1
+    host_processes: int = 1
     flip: bool = True
     dump_dir: str | None = None  # write merged heatmaps here, per shard
     variant: Variant = Variant()  # what the model file computes (tasks.deploy)
     sim_rate: float = 0.0  # network inputs per second, for the sim backend
+    sim_gil: str = "hold"  # the sim backend keeps the GIL for its call ('hold', as aclruntime) or not
     allow_opencv_mismatch: bool = False  # crop although OpenCV's warp is not the rule (tasks.opencv_check)
+    slot_boxes: int = 0  # the largest batch of the command (a sweep's): sizes the shared slots; 0: batch_size
+    model: ShippedModel | None = None  # the model's bytes in Ray's object store, where nodes may not see model_path
+    data_sample: tuple[tuple[str, int], ...] = ()  # (path, size) of a few of the run's images: does this node see them?
 
 
 @dataclass
@@ -46,6 +54,8 @@ class Shard:
     id: int
     boxes: list[Box]
     image_paths: dict[int, str]
+    # the files' bytes, read where they are, for a worker whose node cannot see image_paths (--ship-images)
+    image_bytes: dict[int, bytes] | None = None
 
 
 @dataclass
@@ -71,33 +81,105 @@ class ShardResult:
     host_seconds: dict[str, float] = field(default_factory=dict)  # per stage, HOST_STAGES
 
 
-#: The host stages a shard times (seconds summed over its batches), by the thread that runs them.
-#: Prep threads: read_decode, crop, input. The shard's own thread: prep_wait, device_wait,
-#: flip_merge, decode_keypoints. What each counts: cluster.reducer.LABELS.
+#: The host stages a shard times (seconds summed over its batches), by where they run.
+#: Host processes: read_decode, crop, input (before the device), flip_merge, decode_keypoints
+#: (after). The worker's process: slot_wait (the shard's thread), prep_wait (the device thread).
+#: What each counts: cluster.reducer.LABELS.
 PREP_STAGES = ("read_decode", "crop", "input")
-SHARD_STAGES = ("prep_wait", "device_wait", "flip_merge", "decode_keypoints")
-HOST_STAGES = PREP_STAGES + SHARD_STAGES
+POST_STAGES = ("flip_merge", "decode_keypoints")
+WAIT_STAGES = ("slot_wait", "prep_wait")
+HOST_STAGES = PREP_STAGES + POST_STAGES + WAIT_STAGES
+#: Batches in flight past those the host processes prepare: one on the device, one queued, one decoding.
+SLOTS_PAST_PROCESSES = 3
 
 
-class _ImageCache:
-    """The last few decoded images: consecutive boxes mostly share an image."""
+# ---------------------------------------------------------------- in a host process
 
-    def __init__(self, size: int = 16) -> None:
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self._size = size
 
-    def get(self, path: str) -> np.ndarray:
-        with self._lock:
-            if path in self._items:
-                self._items.move_to_end(path)
-                return self._items[path]
-        image = read_rgb(path)
-        with self._lock:
-            self._items[path] = image
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return image
+@dataclass
+class PreparedInputs:
+    """A batch's host work before the device: its inputs lie in the slot (``inputs``; none: no usable box)."""
+
+    box_ids: np.ndarray  # int64 [n]
+    crop_boxes: np.ndarray  # float32 [n, 4]
+    skipped: list[tuple[int, str]]
+    inputs: list[ArraySpec]
+    seconds: dict[str, float]  # PREP_STAGES
+
+
+def prepare_into(state: HostState, slot: int, boxes: list[Box], paths: dict[int, str], variant: Variant,
+                 flip: bool, data: dict[int, bytes] | None = None) -> PreparedInputs:
+    """Read (or decode from ``data``, shipped), crop and build the network inputs of ``boxes`` into ``slot``:
+    a host process's work."""
+    t0 = time.perf_counter()
+    images, skipped = {}, []
+    for image_id in dict.fromkeys(b.image_id for b in boxes):
+        read = read_rgb if not data or image_id not in data else partial(_decode, data[image_id])
+        try:
+            images[image_id] = state.images.get(paths[image_id], read)
+        except ImageError as e:
+            skipped += [(b.id, str(e)) for b in boxes if b.image_id == image_id]
+    usable = [b for b in boxes if b.image_id in images]
+    t1 = time.perf_counter()
+    if not usable:
+        return PreparedInputs(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), skipped, [],
+                              {"read_decode": t1 - t0})
+    prepared = prepare_batch(usable, images)
+    t2 = time.perf_counter()
+    writer = state.memory.writer(slot)
+    network_inputs(prepared.crops, variant, flip, writer.empty)
+    specs = writer.specs
+    t3 = time.perf_counter()
+    return PreparedInputs(prepared.box_ids, prepared.crop_boxes, skipped, specs,
+                          {"read_decode": t1 - t0, "crop": t2 - t1, "input": t3 - t2})
+
+
+def _decode(data: bytes, path: str) -> np.ndarray:
+    return decode_rgb(data, path)
+
+
+@dataclass
+class DecodedBatch:
+    keypoints: np.ndarray  # float32 [n, 17, 3]
+    heatmaps: np.ndarray | None  # the merged heatmaps, only when they are dumped
+    seconds: dict[str, float]  # POST_STAGES
+
+
+def decode_from(state: HostState, outputs: list[ArraySpec], crop_boxes: np.ndarray, dump: bool) -> DecodedBatch:
+    """Merge the flip passes the device thread left in the slot and decode them: a host process's work."""
+    t0 = time.perf_counter()
+    heatmaps = merge_heatmaps(state.memory.views(outputs))
+    t1 = time.perf_counter()
+    keypoints = decode_keypoints(heatmaps, crop_boxes)
+    t2 = time.perf_counter()
+    return DecodedBatch(keypoints, np.array(heatmaps) if dump else None,
+                        {"flip_merge": t1 - t0, "decode_keypoints": t2 - t1})
+
+
+# ---------------------------------------------------------------- in the worker's process
+
+
+@dataclass
+class RanBatch:
+    """What the device thread did with one batch, and the host work it handed on."""
+
+    prepared: PreparedInputs
+    prep_wait: float  # the device thread waited this long for the inputs
+    post: Future | None = None  # -> Future -> DecodedBatch (cluster.actor.Worker._hand_over); None: no usable box
+    calls: list[float] = field(default_factory=list)  # device seconds of each call
+    starts: list[float] = field(default_factory=list)  # unix time each call began
+    busy: float = 0.0  # seconds holding the device
+    crops: int = 0
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
+
+
+def pose_slot_bytes(variant: Variant, flip: bool, boxes: int) -> int:
+    """Room for one batch of ``boxes``: its inputs and the device's outputs, every pass."""
+    per_box = bytes_per_box(variant, flip)
+    passes = 2 if flip and not variant.fused_flip else 1
+    return slot_room([boxes * per_box["to_device"] // passes] * passes
+                     + [boxes * per_box["from_device"] // passes] * passes)
 
 
 class Worker(DeviceWorker):
@@ -105,30 +187,47 @@ class Worker(DeviceWorker):
         # Before the session opens: a crop by another warp would move every keypoint.
         self.opencv_mismatch = check_opencv(config.allow_opencv_mismatch)
         super().__init__(config)
-        self._images = _ImageCache()
-        self._prep = ThreadPoolExecutor(max(1, config.prep_threads), thread_name_prefix="prep")
+        try:
+            processes = max(1, config.host_processes)
+            boxes = max(config.slot_boxes, config.batch_size)
+            self._slots = BatchSlots(processes + SLOTS_PAST_PROCESSES,
+                                     pose_slot_bytes(config.variant, config.flip, boxes))
+            self._host = HostPool(processes, self._slots, config.place.opencv_threads)
+        except BaseException:
+            super().close()
+            raise
+        self._handover = ThreadPoolExecutor(1, thread_name_prefix="handover")
 
     def describe(self) -> dict:
         import cv2
 
-        return {**super().describe(), "opencv": cv2.__version__, "opencv_warp_mismatch": self.opencv_mismatch}
+        return {**super().describe(), "opencv": cv2.__version__, "opencv_warp_mismatch": self.opencv_mismatch,
+                "host_processes": [p.pid for p in self._host.processes], "model_source": self.model_source,
+                "model_opened": self.model_opened, "data_missing": first_missing(self.config.data_sample)}
 
     def open_session(self, config: WorkerConfig):
         place = config.place
-        return open_backend(place.backend, config.model_path, place.compute_device, config.batch_size,
-                            place.threads, config.variant, config.sim_rate)
+        self.model_opened, self.model_source = config.model_path, "local"
+        if config.model is not None:  # this node may lack the driver's file, or hold another (cluster.staging)
+            path, self.model_source = local_model(config.model)
+            self.model_opened = str(path)
+        return open_backend(place.backend, self.model_opened, place.compute_device, config.batch_size,
+                            place.threads, config.variant, config.sim_rate, config.sim_gil)
 
     def warm_up(self, backend, config: WorkerConfig) -> None:
         warm_up(backend, config.flip)
 
-    def set_batch(self, model_path: str, batch_size: int, dump_dir: str | None = None) -> None:
+    def set_batch(self, model_path: str, batch_size: int, dump_dir: str | None = None,
+                  model: ShippedModel | None = None) -> None:
         """Run the next shards at ``batch_size`` (a sweep's next run), dumping heatmaps to ``dump_dir``.
 
         The backend is reopened only when the model file changes (a static OM is
         built per batch size); a dynamic-batch session (ONNX, torch) is kept. The
         work runs on the device thread; its error is raised here.
         """
-        new = replace(self.config, model_path=model_path, batch_size=batch_size, dump_dir=dump_dir)
+        if batch_size > self._slots.slot_bytes // pose_slot_bytes(self.config.variant, self.config.flip, 1):
+            raise ValueError(f"bs {batch_size} is larger than the slots this worker made (slot_boxes)")
+        new = replace(self.config, model_path=model_path, batch_size=batch_size, dump_dir=dump_dir, model=model)
         self.on_device(partial(self._rebatch, new)).result()
 
     def _rebatch(self, new: WorkerConfig) -> None:
@@ -141,104 +240,155 @@ class Worker(DeviceWorker):
             warm_up(self.session, new.flip)
         self.config = new
 
-    def _run_batch(self, inputs: list[np.ndarray]
-                   ) -> tuple[list[np.ndarray], float, float, list[float], list[float]]:
-        """On the device thread: (outputs, device seconds, seconds busy (holding the device), device seconds of each call,
-        unix time each call began)."""
-        if self.session is None:
-            raise RuntimeError(f"{self.config.place.label}: no open session: the last set_batch failed to open "
-                               "its model")
-        t0 = time.perf_counter()
-        # one run_network per input array, so each call's own device seconds (and start, for the timeline) are kept
-        starts, calls = [], []
-        for x in inputs:
-            starts.append(time.time())
-            calls.append(run_network(self.session, [x]))
-        busy = time.perf_counter() - t0
-        per_call = [s for _, s in calls]
-        return [y for ys, _ in calls for y in ys], sum(per_call), busy, per_call, starts
+    def _device_step(self, slot: int, prep: Future) -> RanBatch:
+        """On the device thread: the batch's backend calls on its inputs in ``slot``, outputs written beside them.
 
-    def _prepare(self, boxes: list[Box], paths: dict[int, str]
-                 ) -> tuple[PreparedBatch | None, list, list, Future, dict[str, float]]:
-        """All host work of one batch before the device; then the batch is queued for the device thread.
-
-        The last item is this batch's seconds per prep stage (PREP_STAGES).
+        Owns ``slot`` until it hands the outputs to a host process, whose end frees it.
         """
+        try:
+            t0 = time.perf_counter()
+            prepared: PreparedInputs = prep.result()
+            ran = RanBatch(prepared, time.perf_counter() - t0)
+            if not prepared.inputs:
+                self._slots.release(slot)
+                return ran
+            if self.session is None:
+                raise RuntimeError(f"{self.config.place.label}: no open session: the last set_batch failed to "
+                                   "open its model")
+            outputs = self._calls(ran, self._slots.views(prepared.inputs))
+            ran.post = self._handover.submit(self._hand_over, slot, outputs, prepared)
+        except BaseException:
+            self._slots.release(slot)
+            raise
+        return ran
+
+    def _hand_over(self, slot: int, outputs: list[np.ndarray], prepared: PreparedInputs) -> Future:
+        """On the hand-over thread: the outputs into ``slot``, then a host process decodes them; its future.
+
+        numpy copies without the GIL, so this copy runs beside the device thread's next
+        call even where that call keeps the GIL (docs/throughput.md#the-gil).
+        """
+        try:
+            specs = self._slots.put(slot, outputs, after=prepared.inputs)
+            post = self._host.least_busy().submit(decode_from, specs, prepared.crop_boxes, bool(self.config.dump_dir))
+        except BaseException:
+            self._slots.release(slot)
+            raise
+        post.add_done_callback(lambda _: self._slots.release(slot))
+        return post
+
+    def _calls(self, ran: RanBatch, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """One run_network per input array, so each call's own device seconds (and start) are kept."""
         t0 = time.perf_counter()
-        images, skipped = {}, []
-        for image_id in dict.fromkeys(b.image_id for b in boxes):
-            try:
-                images[image_id] = self._images.get(paths[image_id])
-            except ImageError as e:
-                skipped += [(b.id, str(e)) for b in boxes if b.image_id == image_id]
-        usable = [b for b in boxes if b.image_id in images]
-        t1 = time.perf_counter()
-        if not usable:
-            return None, skipped, [], Future(), {"read_decode": t1 - t0}
-        prepared = prepare_batch(usable, images)
-        t2 = time.perf_counter()
-        inputs = network_inputs(prepared.crops, self.config.variant, self.config.flip)
-        t3 = time.perf_counter()
-        on_device = self.on_device(partial(self._run_batch, inputs))
-        return prepared, skipped, inputs, on_device, {"read_decode": t1 - t0, "crop": t2 - t1, "input": t3 - t2}
+        outputs = []
+        for x in inputs:
+            ran.starts.append(time.time())
+            ys, seconds = run_network(self.session, [x])
+            outputs += ys
+            ran.calls.append(seconds)
+        ran.busy = time.perf_counter() - t0
+        n = len(inputs[0])
+        ran.crops = 2 * n if self.config.variant.fused_flip else n * len(inputs)
+        ran.bytes_to_device = sum(x.nbytes for x in inputs)
+        ran.bytes_from_device = sum(y.nbytes for y in outputs)
+        return outputs
+
+    def _start_batch(self, host, boxes: list[Box], paths: dict[int, str], shipped: dict[int, bytes] | None,
+                     stages: dict[str, float]) -> Future:
+        """Take a slot, have ``host`` prepare the batch into it, queue its device step; that step's future."""
+        t0 = time.perf_counter()
+        slot = self._slots.acquire()
+        stages["slot_wait"] += time.perf_counter() - t0
+        try:
+            ids = {b.image_id for b in boxes}
+            data = {i: shipped[i] for i in ids if i in shipped} if shipped else None
+            prep = host.submit(prepare_into, slot, boxes, {i: paths[i] for i in ids}, self.config.variant,
+                               self.config.flip, data)
+            return self.on_device(partial(self._device_step, slot, prep))
+        except BaseException:
+            self._slots.release(slot)
+            raise
 
     def run_shard(self, shard: Shard) -> ShardResult:
         cfg = self.config
-        started = time.time()
-        batches = [shard.boxes[i:i + cfg.batch_size] for i in range(0, len(shard.boxes), cfg.batch_size)]
-        futures = [self._prep.submit(self._prepare, b, shard.image_paths) for b in batches]
-        result = ShardResult(shard.id, cfg.place.label, np.zeros(0, np.int64),
-                             np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=started)
-        ids, kpts, crop_boxes, dumps, per_call, call_starts = [], [], [], [], [], []
+        result = ShardResult(shard.id, cfg.place.label, np.zeros(0, np.int64), np.zeros((0, 17, 3), np.float32),
+                             np.zeros((0, 4), np.float32), started=time.time())
         stages = dict.fromkeys(HOST_STAGES, 0.0)
-        for future in futures:
-            t0 = time.perf_counter()
-            prepared, skipped, inputs, on_device, prep_seconds = future.result()
-            t1 = time.perf_counter()
-            stages["prep_wait"] += t1 - t0
-            for stage, s in prep_seconds.items():
-                stages[stage] += s
-            result.skipped += skipped
-            if prepared is None:
-                continue
-            outputs, seconds, busy, call_seconds, starts = on_device.result()
-            t2 = time.perf_counter()
-            # merge and decode here, while the device thread runs the next batch
-            inferred = merge_outputs(cfg.variant, inputs, outputs, seconds)
-            t3 = time.perf_counter()
-            keypoints = decode_keypoints(inferred.heatmaps, prepared.crop_boxes)
-            t4 = time.perf_counter()
-            stages["device_wait"] += t2 - t1
-            stages["flip_merge"] += t3 - t2
-            stages["decode_keypoints"] += t4 - t3
-            per_call += call_seconds
-            call_starts += starts
-            result.busy_seconds += busy
-            result.device_seconds += inferred.device_seconds
-            result.crops += inferred.crops
-            result.calls += inferred.calls
-            result.bytes_to_device += inferred.bytes_to_device
-            result.bytes_from_device += inferred.bytes_from_device
-            ids.append(prepared.box_ids)
-            kpts.append(keypoints)
-            crop_boxes.append(prepared.crop_boxes)
-            if cfg.dump_dir:
-                dumps.append(inferred.heatmaps)
-        if ids:
-            result.box_ids, result.keypoints = np.concatenate(ids), np.concatenate(kpts)
-            result.crop_boxes = np.concatenate(crop_boxes)
-        if cfg.dump_dir and dumps:
+        host = self._host.least_busy()  # every batch of the shard in one process: its image cache
+        steps = [self._start_batch(host, shard.boxes[i:i + cfg.batch_size], shard.image_paths, shard.image_bytes,
+                                   stages) for i in range(0, len(shard.boxes), cfg.batch_size)]
+        parts = _ShardParts()
+        for step in steps:
+            ran: RanBatch = step.result()
+            parts.add(result, ran, ran.post.result().result() if ran.post is not None else None, stages)
+        parts.finish(result, stages)
+        if cfg.dump_dir and parts.dumps:
             _save_npz(Path(cfg.dump_dir) / f"shard-{shard.id:06d}.npz",
-                      box_ids=result.box_ids, heatmaps=np.concatenate(dumps))
-        result.call_seconds = np.asarray(per_call, np.float32)
-        result.call_starts = np.asarray(call_starts, np.float64)
-        result.host_seconds = stages
+                      box_ids=result.box_ids, heatmaps=np.concatenate(parts.dumps))
         result.finished = time.time()
         return result
 
     def close(self) -> None:
-        self._prep.shutdown(wait=False)
-        super().close()
+        host = getattr(self, "_host", None)
+        super().close()  # the device thread first, then the hand-over: nothing reaches the host processes after
+        if host is not None:
+            self._handover.shutdown(wait=True)
+            host.close()
+
+
+@dataclass
+class _ShardParts:
+    """A shard's batches as they come back, in order, until they are one ``ShardResult``."""
+
+    ids: list = field(default_factory=list)
+    keypoints: list = field(default_factory=list)
+    crop_boxes: list = field(default_factory=list)
+    dumps: list = field(default_factory=list)
+    calls: list = field(default_factory=list)
+    starts: list = field(default_factory=list)
+
+    def add(self, result: ShardResult, ran: RanBatch, decoded: DecodedBatch | None, stages: dict) -> None:
+        for stage, s in ran.prepared.seconds.items():
+            stages[stage] += s
+        stages["prep_wait"] += ran.prep_wait
+        result.skipped += ran.prepared.skipped
+        if decoded is None:
+            return
+        for stage, s in decoded.seconds.items():
+            stages[stage] += s
+        self.calls += ran.calls
+        self.starts += ran.starts
+        result.busy_seconds += ran.busy
+        result.device_seconds += sum(ran.calls)
+        result.crops += ran.crops
+        result.calls += len(ran.calls)
+        result.bytes_to_device += ran.bytes_to_device
+        result.bytes_from_device += ran.bytes_from_device
+        self.ids.append(ran.prepared.box_ids)
+        self.keypoints.append(decoded.keypoints)
+        self.crop_boxes.append(ran.prepared.crop_boxes)
+        if decoded.heatmaps is not None:
+            self.dumps.append(decoded.heatmaps)
+
+    def finish(self, result: ShardResult, stages: dict) -> None:
+        if self.ids:
+            result.box_ids, result.keypoints = np.concatenate(self.ids), np.concatenate(self.keypoints)
+            result.crop_boxes = np.concatenate(self.crop_boxes)
+        result.call_seconds = np.asarray(self.calls, np.float32)
+        result.call_starts = np.asarray(self.starts, np.float64)
+        result.host_seconds = stages
+
+
+def first_missing(sample: tuple[tuple[str, int], ...]) -> str | None:
+    """The first sampled image this node does not hold as the driver does (absent, or another size); None: all."""
+    return next((path for path, size in sample if _size(path) != size), None)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # absent, or unreadable: either way this node does not see it
+        return None
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

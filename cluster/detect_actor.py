@@ -1,23 +1,33 @@
 """The detector's device worker: a shard of images -> their person records, one image at a time.
 
 ``DetectWorker`` is a ``cluster.worker.DeviceWorker``, placed, pinned, warmed up and
-closed as the pose ``Worker`` is. It holds no numerics of its own: each image is
-read and checked (``tasks.dataset.read_bgr``: a truncated or undecodable file is
-refused with its reason, passing read errors are retried), letterboxed, run through
-the network on the device thread, and decoded (``tasks.detector``). Two shards run
-at once, so one's letterbox and decode overlap the other's network call.
+closed as the pose ``Worker`` is. It holds no numerics of its own, and its host work
+runs in its ``cluster.host_work.HostPool`` processes as the pose worker's does
+(aclruntime keeps the GIL while the device computes): ``letterbox_into`` reads and
+checks an image (``tasks.dataset.read_bgr``: a truncated or undecodable file is
+refused with its reason, passing read errors are retried) and writes its letterboxed
+input into a shared slot; the device thread runs the network on it and writes the
+head maps beside it; ``records_from`` decodes them there (``tasks.detector``). Two
+shards run at once, and each image is its own batch, so one image's letterbox and
+decode overlap another's network call.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
+from cluster.host_work import ArraySpec, BatchSlots, HostPool, HostState, slot_room
 from cluster.worker import DeviceWorker, WorkerPlace
 from tasks.dataset import ImageError, read_bgr
 from tasks.detector import YOLOV3_SPP, image_records, letterbox_bgr_to_rgb_input, open_detector
+from tasks.detector.darknet_cfg import Yolo
+
+#: Images in flight past those the host processes letterbox: one on the device, one queued, one decoding.
+SLOTS_PAST_PROCESSES = 3
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,7 @@ class DetectWorkerConfig:
     place: WorkerPlace
     model_path: str  # .weights (torch), .onnx (onnxruntime) or .om, as prepared by the driver
     cfg_path: str  # the Darknet .cfg: the network (torch) and the yolo heads the decode needs
+    host_processes: int = 1  # letterbox and decode processes beside the device (cluster.host_work)
 
 
 @dataclass
@@ -45,32 +56,109 @@ class DetectShardResult:
     finished: float = 0.0
 
 
+@dataclass
+class Letterboxed:
+    """One image's host work before the device: its input in the slot, or why it could not be read."""
+
+    input: ArraySpec | None
+    image_hw: tuple[int, int]
+    unreadable: str | None = None
+
+
+def letterbox_into(state: HostState, slot: int, path: str) -> Letterboxed:
+    """Read and check the image, letterbox it into ``slot``: a host process's work."""
+    try:
+        bgr = read_bgr(path)
+    except ImageError as e:
+        return Letterboxed(None, (0, 0), str(e))
+    (spec,) = state.memory.put(slot, [letterbox_bgr_to_rgb_input(bgr, YOLOV3_SPP.inp)])
+    return Letterboxed(spec, bgr.shape[:2])
+
+
+def records_from(state: HostState, raw: list[ArraySpec], heads: tuple[Yolo, ...], image_id: int,
+                 image_hw: tuple[int, int]) -> list[dict]:
+    """Decode the head maps the device thread left in the slot: a host process's work."""
+    return image_records(state.memory.views(raw), heads, image_id, image_hw)
+
+
+@dataclass
+class _Detected:
+    letterboxed: Letterboxed
+    records: Future | None = None  # -> list[dict]; None: unreadable
+    busy: float = 0.0
+
+
+def _numpy(maps) -> list[np.ndarray]:
+    """Head maps as numpy arrays on the host (torch gives tensors)."""
+    return [m.detach().cpu().numpy() if hasattr(m, "detach") else np.asarray(m) for m in maps]
+
+
 class DetectWorker(DeviceWorker):
+    def __init__(self, config: DetectWorkerConfig) -> None:
+        super().__init__(config)
+        try:
+            processes = max(1, config.host_processes)
+            self._slots = BatchSlots(processes + SLOTS_PAST_PROCESSES, self._slot_bytes)
+            self._host = HostPool(processes, self._slots, config.place.opencv_threads, name="letterbox")
+        except BaseException:
+            super().close()
+            raise
+
     def open_session(self, config: DetectWorkerConfig):
         place = config.place
         return open_detector(place.backend, config.model_path, config.cfg_path, place.compute_device, place.threads)
 
     def warm_up(self, detector, config: DetectWorkerConfig) -> None:
-        detector.net_fn(np.zeros((1, 3, YOLOV3_SPP.inp, YOLOV3_SPP.inp), np.float32))
+        x = np.zeros((1, 3, YOLOV3_SPP.inp, YOLOV3_SPP.inp), np.float32)
+        # the slots hold an input and the head maps it gives: the warm-up call says how large they are
+        self._slot_bytes = slot_room([x.nbytes] + [m.nbytes for m in _numpy(detector.net_fn(x))])
 
-    def _network(self, x: np.ndarray) -> tuple[list, float]:
-        """On the device thread: the raw head maps, and the seconds the call held the device."""
-        t0 = time.perf_counter()
-        raw = self.session.net_fn(x)
-        return raw, time.perf_counter() - t0
+    def _device_step(self, slot: int, prep: Future, image_id: int) -> _Detected:
+        """On the device thread: the network on the letterboxed image in ``slot``; the maps go to a host process."""
+        try:
+            detected = _Detected(prep.result())
+            box = detected.letterboxed
+            if box.input is None:
+                self._slots.release(slot)
+                return detected
+            t0 = time.perf_counter()
+            raw = _numpy(self.session.net_fn(self._slots.view(box.input)))
+            detected.busy = time.perf_counter() - t0
+            specs = self._slots.put(slot, raw, after=[box.input])
+            detected.records = self._host.least_busy().submit(records_from, specs, self.session.heads, image_id,
+                                                              box.image_hw)
+        except BaseException:
+            self._slots.release(slot)
+            raise
+        detected.records.add_done_callback(lambda _: self._slots.release(slot))
+        return detected
+
+    def _start_image(self, path: str, image_id: int) -> Future:
+        slot = self._slots.acquire()
+        try:
+            prep = self._host.least_busy().submit(letterbox_into, slot, path)
+            return self.on_device(partial(self._device_step, slot, prep, image_id))
+        except BaseException:
+            self._slots.release(slot)
+            raise
 
     def run_shard(self, shard: ImageShard) -> DetectShardResult:
         result = DetectShardResult(shard.id, self.config.place.label, [], started=time.time())
-        for path, image_id in shard.images:
+        steps = [(path, image_id, self._start_image(path, image_id)) for path, image_id in shard.images]
+        for path, image_id, step in steps:
             result.images += 1
-            try:
-                bgr = read_bgr(path)
-            except ImageError as e:
-                result.unreadable.append({"image_id": image_id, "file": path, "reason": str(e)})
+            detected: _Detected = step.result()
+            if detected.records is None:
+                result.unreadable.append({"image_id": image_id, "file": path,
+                                          "reason": detected.letterboxed.unreadable})
                 continue
-            x = letterbox_bgr_to_rgb_input(bgr, YOLOV3_SPP.inp)
-            raw, busy = self.on_device(partial(self._network, x)).result()
-            result.busy_seconds += busy
-            result.records += image_records(raw, self.session.heads, image_id, bgr.shape[:2])
+            result.busy_seconds += detected.busy
+            result.records += detected.records.result()
         result.finished = time.time()
         return result
+
+    def close(self) -> None:
+        host = getattr(self, "_host", None)
+        super().close()
+        if host is not None:
+            host.close()

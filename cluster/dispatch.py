@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cluster.errors import AllDevicesLost, Stopped, first_line
+from cluster.errors import AllDevicesLost, Stopped, WorkerBroken, first_line
 from cluster.pool import ActorPool
 from cluster.queue import DispatchPolicy, DispatchReport, ShardQueue
 
@@ -28,7 +28,7 @@ def classify(error: BaseException) -> str:
     from ray.exceptions import ObjectLostError, ObjectStoreFullError, OutOfMemoryError, RayTaskError
 
     if isinstance(error, RayTaskError):
-        return "task"
+        return "device" if isinstance(error.cause, WorkerBroken) else "task"
     if isinstance(error, (ObjectLostError, ObjectStoreFullError)):  # OwnerDiedError is an ObjectLostError
         return "result"
     if isinstance(error, OutOfMemoryError):
@@ -38,14 +38,19 @@ def classify(error: BaseException) -> str:
 
 def run_shards(pool: ActorPool, shards, on_result: Callable, log: Callable,
                policy: DispatchPolicy = DispatchPolicy(), on_failed: Callable | None = None,
-               stop: threading.Event | None = None) -> DispatchReport:
+               stop: threading.Event | None = None, package: Callable | None = None,
+               check: Callable | None = None) -> DispatchReport:
     """Run every shard once on the pool's workers (``cluster.queue``'s rules).
 
-    Raises ``AllDevicesLost`` when shards remain and no worker does, ``Stopped`` when
-    ``stop`` is set (checked between two Ray calls, never inside one).
+    ``package(worker, shard)`` is the shard as that worker gets it (its images' bytes
+    added); ``check(worker, result)`` may refuse a result, ``(why, workers to avoid)``,
+    so that its shard runs elsewhere (``ShardQueue.rejected``). Raises ``AllDevicesLost``
+    when shards remain and no worker does, ``Stopped`` when ``stop`` is set (checked
+    between two Ray calls, never inside one).
     """
     queue = ShardQueue(shards, list(pool.actors), policy,
-                       lambda worker, shard: pool.actors[worker].run_shard.remote(shard), log)
+                       lambda worker, shard: pool.actors[worker].run_shard.remote(
+                           package(worker, shard) if package else shard), log)
     while not queue.done:
         _check(stop)
         queue.fill(time.monotonic())
@@ -56,7 +61,7 @@ def run_shards(pool: ActorPool, shards, on_result: Callable, log: Callable,
         _check(stop)  # before the errors a Ctrl-C may have caused in the workers
         now = time.monotonic()
         for ref in ready:
-            _settle(pool, queue, ref, now, on_result, on_failed)
+            _settle(pool, queue, ref, now, on_result, on_failed, check)
         _drop(pool, queue, queue.hung(now))
         queue.copy_late(now)
     pool.cancel(queue.unwanted())  # copies whose sibling won before they were looked at
@@ -69,7 +74,7 @@ def _check(stop: threading.Event | None) -> None:
 
 
 def _settle(pool: ActorPool, queue: ShardQueue, ref, now: float, on_result: Callable,
-            on_failed: Callable | None) -> None:
+            on_failed: Callable | None, check: Callable | None = None) -> None:
     from ray.exceptions import RayError
 
     try:
@@ -80,8 +85,12 @@ def _settle(pool: ActorPool, queue: ShardQueue, ref, now: float, on_result: Call
         if failure.given_up is not None and on_failed is not None:
             on_failed(*failure.given_up)
         return
+    refused = check(queue.worker_of(ref), result) if check else None
+    if refused is not None and queue.rejected(ref, *refused, now):
+        return
     sent, unwanted = queue.succeeded(ref, now)
     pool.cancel(unwanted)
+    _drop(pool, queue, queue.drops())
     result.device = sent.worker
     on_result(result)
 

@@ -17,6 +17,10 @@ class WorkerStartError(ClusterError):
     """A device worker failed to start: all of the command's workers are stopped."""
 
 
+class WorkerBroken(ClusterError):
+    """A worker cannot run any more shards (one of its host processes died): a device fault, not a shard's."""
+
+
 class AllDevicesLost(ClusterError):
     """No worker is left while shards remain."""
 

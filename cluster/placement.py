@@ -59,12 +59,13 @@ def placements(devices: list[Device], backend: str, threads: int, cpus_per_worke
     return out
 
 
-def prep_threads(configured: int, compute_on: str, backend: str, cpus_per_worker: float) -> int:
-    """Preprocessing threads of one worker: ``configured``, or sized to its share of the host.
+def host_processes(configured: int, compute_on: str, backend: str, cpus_per_worker: float) -> int:
+    """Host processes of one worker (``cluster.host_work``): ``configured``, or sized to its share of the host.
 
-    A backend computing on the CPU owns the worker's cores, so one thread is enough
-    to prepare the next batch meanwhile. A device (or a simulated one) leaves them to
-    preprocessing: one thread per core of the share, at most 8.
+    A backend computing on the CPU owns the worker's cores, so one process is enough
+    to prepare the next batch meanwhile (more would take cores from the network). A
+    device (or a simulated one) leaves them to the host work: one process per core of
+    the share, at most 8.
     """
     if configured:
         return configured
@@ -74,10 +75,10 @@ def prep_threads(configured: int, compute_on: str, backend: str, cpus_per_worker
 
 
 def opencv_threads(prep: int, compute_on: str, backend: str, cpus_per_worker: float) -> int:
-    """OpenCV's own thread pool in one worker: its share of the host's cores over its prep threads.
+    """OpenCV's own thread pool in each of a worker's host processes: its share of cores over its processes.
 
-    Each prep thread decodes and warps with OpenCV, which by default parallelises every
-    call over all of the host's cores: with N workers of P prep threads that is N x P x
+    Each host process decodes and warps with OpenCV, which by default parallelises every
+    call over all of the host's cores: with N workers of P processes that is N x P x
     cores threads on the same cores. A backend computing on the CPU keeps the share for
     itself, so OpenCV gets one thread there.
     """

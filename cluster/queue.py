@@ -11,7 +11,11 @@ for ever:
   is sent to the idle worker too: the first result wins, the other copy is unwanted;
 - a shard whose own code raised runs again on another worker, ``max_attempts`` runs
   in all, then it is given up; the worker is kept, unless that many different shards
-  in a row failed on it (a broken device).
+  in a row failed on it (a broken device);
+- a result that came back incomplete for its worker's own reasons (images its node
+  could not read) is ``rejected``: the shard runs again on a worker outside the ones
+  to avoid while there is one, and a worker whose rejected shards others then finish
+  ``READ_STRIKES`` times is dropped. A copy never wins by leaving boxes out.
 
 The queue sends through the ``send(worker, shard) -> token`` it is given and learns
 the outcome of each token from the caller (``succeeded``, ``failed``); Ray's part,
@@ -37,6 +41,8 @@ IN_FLIGHT_PER_WORKER = 2
 #: time is known, and hosts whose shards are slow by nature (bs 64 on a CPU).
 TIMEOUT_FACTOR = 10.0
 TIMEOUT_FLOOR_S = 300.0
+#: Shards another worker finished after a worker could not: then that worker is dropped.
+READ_STRIKES = 2
 
 #: What a failed run of a shard says (``cluster.dispatch.classify`` reads Ray's errors):
 #: its own code raised; its result was lost on the way (the worker lives); the worker
@@ -149,6 +155,9 @@ class ShardQueue:
         self._attempts = Counter()  # shard id -> runs that raised
         self._tried: dict[object, set[str]] = {}  # shard id -> workers it raised on
         self._failing_in_a_row = Counter()  # worker -> distinct shards in a row that raised on it
+        self._rejected: dict[object, list[tuple[str, str]]] = {}  # shard id -> (worker, why) of incomplete runs
+        self._read_strikes = Counter()  # worker -> its rejected shards that another worker then finished
+        self._to_drop: list[str] = []  # workers dropped by the last succeeded(), for the caller to stop
         self._shard_seconds: list[float] = []  # kept sorted: its median is read at every poll
 
     # ------------------------------------------------------------ reading
@@ -166,6 +175,9 @@ class ShardQueue:
     @property
     def workers(self) -> list[str]:
         return list(self._workers)
+
+    def worker_of(self, token: Hashable) -> str:
+        return self._sent[token].worker
 
     def all_lost(self) -> str:
         """The line for a queue with shards left and no worker."""
@@ -235,7 +247,41 @@ class ShardQueue:
         if sent.copy:
             self.report.copies_won[sent.worker] += 1
             self.report.won_by_copy.add((sent.shard.id, sent.worker))
+        self._strike(sent)
         return sent, unwanted
+
+    def rejected(self, token: Hashable, why: str, avoid: Iterable[str], now: float) -> bool:
+        """The run of ``token`` came back incomplete for its worker's own reasons (``why``): its shard runs
+        again on a worker outside ``avoid`` (its own worker always included) while there is one. False: no
+        worker is left to try, and the caller takes the result as it is (``succeeded``)."""
+        sent = self._sent[token]
+        tried = self._tried.setdefault(sent.shard.id, set())
+        tried.update({sent.worker, *avoid})
+        sibling = [t for t in self._copies_of(sent.shard.id) if t != token]
+        if not sibling and all(w in tried for w in self._workers):
+            return False
+        self._forget(token)
+        self._silent_since[sent.worker] = now
+        self._rejected.setdefault(sent.shard.id, []).append((sent.worker, why))
+        self._log(f"shard {sent.shard.id} on {sent.worker}: {why}; it runs again on another device")
+        if not sibling:
+            self._pending.appendleft(sent.shard)
+        return True
+
+    def drops(self) -> list[str]:
+        """The workers the last ``succeeded`` dropped (their reads fail where others' do not); once."""
+        dropped, self._to_drop = self._to_drop, []
+        return dropped
+
+    def _strike(self, sent: Sent) -> None:
+        """Another worker finished what these could not read: a strike each; READ_STRIKES drops one."""
+        for worker, why in self._rejected.pop(sent.shard.id, []):
+            if worker == sent.worker or worker not in self._workers:
+                continue
+            self._read_strikes[worker] += 1
+            if self._read_strikes[worker] >= READ_STRIKES:
+                self._to_drop += self.lose(worker, f"{self._read_strikes[worker]} shards whose images other devices "
+                                                   f"read could not be read on it (last: {why})")
 
     def failed(self, token: Hashable, kind: str, why: str, now: float) -> Failure:
         """A run of a shard failed with a ``FAILURE_KINDS`` kind; retried, given up, or its worker dropped."""

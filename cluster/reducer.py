@@ -42,15 +42,18 @@ LABELS = {
     "call_ms": ("device milliseconds per backend call over all of a device's calls (the seconds each "
                 "backend.run returned: ais_bench's own per-call time for OM, the call's time otherwise; "
                 f"warm-up excluded): n, min, mean, max and percentiles (numpy, method '{PERCENTILE_METHOD}')"),
-    "host_seconds": ("host seconds per stage, summed over a device's batches (thread time in the wall-clock "
-                     "sense: overlapping threads each count theirs)"),
-    "host_seconds.read_decode": "prep threads: reading and decoding the batch's images (cache hits cost ~0)",
-    "host_seconds.crop": "prep threads: center/scale, affine and warpAffine of each box's crop",
-    "host_seconds.input": "prep threads: the network inputs from the crops (normalise, mirror for the flip test)",
-    "host_seconds.prep_wait": "shard threads: waiting for the prep threads to hand over the next batch",
-    "host_seconds.device_wait": "shard threads: waiting for the device thread's result of a batch",
-    "host_seconds.flip_merge": "shard threads: merging the two flip passes' heatmaps",
-    "host_seconds.decode_keypoints": "shard threads: heatmaps to keypoints in image pixels",
+    "host_seconds": ("host seconds per stage, summed over a device's batches (the worker's host processes and "
+                     "its own threads each count theirs, so stages that overlap add up past the wall time)"),
+    "host_seconds.read_decode": "host processes: reading and decoding the batch's images (cache hits cost ~0)",
+    "host_seconds.crop": "host processes: center/scale, affine and warpAffine of each box's crop",
+    "host_seconds.input": ("host processes: the network inputs from the crops (normalise, mirror for the flip "
+                           "test), written into the batch's shared slot"),
+    "host_seconds.flip_merge": "host processes: merging the two flip passes' heatmaps, read from the shared slot",
+    "host_seconds.decode_keypoints": "host processes: heatmaps to keypoints in image pixels",
+    "host_seconds.slot_wait": ("shard threads: waiting for a free batch slot (every slot in flight: the device "
+                               "or the host processes are behind)"),
+    "host_seconds.prep_wait": ("device thread: waiting for the host processes to finish a batch's inputs (the "
+                               "device idles meanwhile)"),
     "host_dominant": "the host work stage (not a wait) with the most seconds: the one to give more cores",
 }
 
@@ -195,7 +198,7 @@ def format_host_stages(devices: list[dict]) -> str | None:
     share = total[top] / sum(s for s, _ in work)
     rest = ", ".join(f"{name} {s:.2f}" for s, name in work[1:3])
     return (f"host time is dominated by {top}: {total[top]:.2f} s ({share:.0%} of host work; next {rest}; "
-            f"waiting for the device {total.get('device_wait', 0.0):.2f} s)")
+            f"the device waited for inputs {total.get('prep_wait', 0.0):.2f} s)")
 
 
 def _tail(text: str, width: int) -> str:

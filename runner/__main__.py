@@ -58,12 +58,19 @@ def run_parser() -> argparse.ArgumentParser:
                           "separated, run like several batch sizes (a summary row each)")
     run.add_argument("--sim-rate", type=float, metavar="CROPS_PER_S",
                      help="speed of each --backend sim device, in network inputs per second (default 1000)")
+    run.add_argument("--sim-gil", choices=("hold", "release"),
+                     help="whether each --backend sim call keeps Python's GIL, as aclruntime does on an NPU "
+                          "(hold, the default), or releases it, as ONNX Runtime and torch do")
     run.add_argument("--shard-size", type=int, help="boxes per shard (rounded up to whole batches)")
     run.add_argument("--threads", type=int, help="backend threads per worker (default: its share of cores)")
-    run.add_argument("--prep-threads", type=int,
-                     help="preprocessing threads per worker (default: sized to the host)")
+    run.add_argument("--host-processes", type=int,
+                     help="processes per worker that read, crop, build inputs, merge and decode, beside the one "
+                          "that holds the device (default: sized to the host)")
     add_queue_args(run)
     run.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")
+    run.add_argument("--ship-images", choices=("auto", "always", "never"),
+                     help="send the images' bytes in the shards of workers whose node cannot see --dataroot "
+                          "(auto, the default), to every worker (always), or stop with one line (never)")
     add_evaluation_args(p.add_argument_group("evaluation"))
     add_output_args(p.add_argument_group("output"))
     return p

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.devices import parse_devices
+from cluster.host_work import reuse_freed_memory
 from cluster.placement import placements
 from runner.config import RunConfig, changed
 from runner.driver import run
@@ -38,8 +39,11 @@ from runner.inputs import load_inputs, prepare_model
 from runner.plan import settle
 from tasks.files import atomic_write_text
 from tasks.backends import open_backend
-from tasks.pipeline import network_inputs, prepare_batch, run_network, warm_up
+from tasks.decode import decode_keypoints
+from tasks.pipeline import merge_heatmaps, network_inputs, prepare_batch, run_network, warm_up
 from tasks.dataset import read_rgb
+from tasks.spec import FASTPOSE
+from tasks.variant import Variant
 
 #: Distinct boxes whose inputs the bare loop holds in memory; it cycles through them
 #: for as many batches as the run has (float inputs of one box with flip: 1.2 MB).
@@ -63,7 +67,17 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, metavar="R",
                    help="full runs, each between two bare measurements (default 3)")
     p.add_argument("--skip-bare", action="store_true", help="only the scaling part")
+    p.add_argument("--host-bare-processes", type=int, default=0, metavar="N",
+                   help="measure the bare host work (no device) on N processes too; 0: the cores per device")
     return p
+
+
+#: Whether each backend's call keeps Python's GIL (docs/throughput.md#the-gil); sim's is --sim-gil.
+BACKEND_GIL = {"om": "hold", "onnxruntime": "release", "torch": "release", "openvino": "release"}
+
+
+def gil_mode(cfg: RunConfig, backend: str) -> str:
+    return cfg.backend.sim_gil if backend == "sim" else BACKEND_GIL[backend]
 
 
 def bare_throughput(cfg: RunConfig) -> dict:
@@ -75,14 +89,16 @@ def bare_throughput(cfg: RunConfig) -> dict:
     inputs_ = load_inputs(cfg)
     box_set = inputs_.box_set
     devices = parse_devices(cfg.cluster.devices)
-    if len(devices) != 1:
-        raise RunError("the bare figure is for one device: --devices cpu (or one accelerator)")
+    if len(devices) != 1 and cfg.backend.name != "sim":
+        raise RunError("the bare figure is for one device: --devices cpu (or one accelerator); several only "
+                       "with --backend sim (identical devices: one is measured)")
+    devices = devices[:1]
     plan = settle(cfg, devices)[0]  # the bare figure is one model: the first --precision-mode
     backend_name, bs = plan.backend, cfg.bs[0]
     model_path = prepare_model(cfg, plan, inputs_.weights, box_set, bs)
     placement = placements(devices, backend_name, cfg.backend.threads, float(os.cpu_count() or 1))[0]
     backend = open_backend(backend_name, model_path, placement.compute_device, bs, placement.threads,
-                           plan.variant, cfg.backend.sim_rate)
+                           plan.variant, cfg.backend.sim_rate, cfg.backend.sim_gil)
     boxes = box_set.boxes
     held = boxes[:max(bs, IN_MEMORY_BOXES // bs * bs)]
     images = {b.image_id: read_rgb(box_set.image_paths[b.image_id]) for b in held}
@@ -101,6 +117,48 @@ def bare_throughput(cfg: RunConfig) -> dict:
         backend.close()
     return {"backend": backend_name, "bs": bs, "threads": placement.threads, "crops": crops,
             "crops_per_s": crops / seconds, "uint8_input": plan.variant.uint8_input}
+
+
+def host_work_part(boxes: list, paths: dict[int, str], variant: Variant, flip: bool, bs: int) -> tuple[float, float]:
+    """The host work of ``boxes`` in this process, no device: (start, end) on the system's monotonic clock.
+
+    Per batch what a worker's host processes do: read (the last 16 images cached, as
+    there), crop, build the inputs, then merge and decode heatmaps of the right shape.
+    """
+    reuse_freed_memory()  # as a worker's host processes do
+    cache: dict[int, object] = {}
+    passes = 1 if variant.fused_flip or not flip else 2
+    zeros = [np.zeros((bs, FASTPOSE.num_joints, *FASTPOSE.heatmap_hw), np.float32)] * passes
+    start = time.perf_counter()
+    for i in range(0, len(boxes), bs):
+        batch = boxes[i:i + bs]
+        for image_id in dict.fromkeys(b.image_id for b in batch):
+            if image_id not in cache:
+                cache[image_id] = read_rgb(paths[image_id])
+                if len(cache) > 16:
+                    cache.pop(next(iter(cache)))
+        prepared = prepare_batch(batch, cache)
+        network_inputs(prepared.crops, variant, flip)
+        decode_keypoints(merge_heatmaps([z[:len(batch)] for z in zeros]), prepared.crop_boxes)
+    return start, time.perf_counter()
+
+
+def host_alone(cfg: RunConfig, processes: int) -> dict:
+    """Boxes per second of the bare host work on ``processes`` processes, each a contiguous part of the boxes:
+    what the host could feed a device that took no time."""
+    inputs_ = load_inputs(cfg)
+    plan = settle(cfg, parse_devices(cfg.cluster.devices))[0]
+    boxes, paths = inputs_.box_set.boxes, inputs_.box_set.image_paths
+    part = math.ceil(len(boxes) / processes)
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(time.sleep, [0.5] * processes))  # every process started before anything is timed
+        list(pool.map(host_work_part, [[]] * processes, [paths] * processes, [plan.variant] * processes,
+                      [plan.flip] * processes, [cfg.bs[0]] * processes))  # and this module imported
+        spans = list(pool.map(host_work_part, *zip(*[(boxes[k:k + part], paths, plan.variant, plan.flip, cfg.bs[0])
+                                                     for k in range(0, len(boxes), part)])))
+    seconds = max(e for _, e in spans) - min(s for s, _ in spans)
+    return {"processes": processes, "boxes": len(boxes), "boxes_per_s": len(boxes) / seconds,
+            "uint8_input": plan.variant.uint8_input}
 
 
 def bare_in_child(cfg: RunConfig) -> dict:
@@ -238,6 +296,20 @@ def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
             "results": len(results), "runs": runs}
 
 
+def against_host(cfg: RunConfig, args: argparse.Namespace, e2e: list[dict], bare_crops_per_s: float, log) -> dict:
+    """End to end against the lesser of the device alone and the bare host work: the share of what is possible."""
+    processes = args.host_bare_processes or max(1, (os.cpu_count() or 1) // len(parse_devices(cfg.cluster.devices)))
+    host = host_alone(cfg, processes)
+    devices = len(parse_devices(cfg.cluster.devices))  # several only for sim: identical, one measured
+    device = devices * bare_crops_per_s / (e2e[-1]["crops_per_s"] / e2e[-1]["boxes_per_s"])  # 2 crops a box: flip
+    e2e_boxes = float(np.mean([e["boxes_per_s"] for e in e2e]))
+    possible = min(device, host["boxes_per_s"])
+    log(f"bare host work on {processes} processes: {host['boxes_per_s']:.0f} boxes/s; the device{'s' * (devices > 1)} "
+        f"alone {device:.0f} boxes/s; end to end {e2e_boxes:.0f} boxes/s = {e2e_boxes / possible:.3f} of the lesser")
+    return {"host_alone": host, "device_alone_boxes_per_s": device, "e2e_boxes_per_s": e2e_boxes,
+            "e2e_of_possible": e2e_boxes / possible}
+
+
 def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
     out = Path(cfg.output.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,9 +329,10 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
         # 26.9 crops/s for the same bare loop), so one bare figure next to one run puts
         # the drift into the ratio; interleaving spreads it over both sides.
         bare = [bare_in_child(cfg)]
+        gil = gil_mode(cfg, bare[0]["backend"])
         log(f"bare: {bare[0]['backend']} alone on {bare[0]['crops']} crops in memory, bs {bare[0]['bs']}, "
-            f"{bare[0]['threads']} threads, {'uint8' if bare[0]['uint8_input'] else 'float'} input: "
-            f"{bare[0]['crops_per_s']:.1f} crops/s")
+            f"{bare[0]['threads']} threads, {'uint8' if bare[0]['uint8_input'] else 'float'} input, GIL {gil} "
+            f"during its calls: {bare[0]['crops_per_s']:.1f} crops/s")
         e2e = []
         for k in range(args.rounds):
             e2e.append(e2e_throughput(cfg, out / f"e2e-{k + 1}"))
@@ -278,15 +351,16 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
         latency = last_run_latency(Path(last["out"]))
         for line in format_latency(latency):
             log(line)
-        figures.update(backend=bare[0]["backend"], threads=bare[0]["threads"], uint8_input=bare[0]["uint8_input"],
-                       rounds=args.rounds,
+        figures.update(backend=bare[0]["backend"], gil=gil, threads=bare[0]["threads"],
+                       uint8_input=bare[0]["uint8_input"], rounds=args.rounds,
                        bare_crops_per_s=bare_rate, bare_runs_crops_per_s=[b["crops_per_s"] for b in bare],
                        e2e_crops_per_s=e2e_rate, e2e_runs_crops_per_s=[e["crops_per_s"] for e in e2e],
                        e2e_over_bare=ratio,
                        bytes_to_device_per_box=last["bytes_to_device_per_box"],
                        bytes_from_device_per_box=last["bytes_from_device_per_box"],
                        e2e_idle_seconds=[e["idle_seconds"] for e in e2e], crops=last["crops"],
-                       e2e_latency=latency)
+                       e2e_latency=latency,
+                       **against_host(cfg, args, e2e, bare_rate, log))
     if args.sim_devices > 0:
         figures["scaling"] = scaling(cfg, args.sim_devices, args.sim_seconds, out, log)
     atomic_write_text(out / "bench.json", json.dumps(figures, indent=1))

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from cluster.queue import DispatchPolicy
+from tasks.backends.sim import GIL_MODES
 from tasks.errors import UserError
 from tasks.evaluation import EVALUATORS
 
@@ -72,8 +73,9 @@ class ModelConfig:
 class BackendConfig:
     name: str  # auto | torch | onnxruntime | openvino | om | sim
     threads: int  # per worker; 0: its share of the host's cores
-    prep_threads: int  # per worker; 0: sized to the host (cluster.placement.prep_threads)
+    host_processes: int  # per worker; 0: sized to the host (cluster.placement.host_processes)
     sim_rate: float  # crops a second of a simulated device
+    sim_gil: str  # hold | release: whether a sim device keeps the GIL during its call (tasks.backends.sim)
     allow_opencv_mismatch: bool  # run although OpenCV's warpAffine is not the pose crop's rule (tasks.opencv_check)
 
 
@@ -82,6 +84,7 @@ class ClusterConfig:
     devices: str  # 0,1 | all | cuda:0,1 | cpu | cpu:N
     address: str | None  # an existing Ray cluster: auto or HOST:PORT
     soc_version: str | None  # ATC's soc_version where npu-smi or Ray cannot name the chip
+    ship_images: str  # auto | always | never: the JPEG bytes travel in the shards of workers whose node lacks them
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,17 @@ class RunConfig:
 
 
 #: Each flat key (YAML, flags) -> (section, field).
+#: --ship-images: auto sends the images in the shards of workers whose node cannot see them.
+SHIP_IMAGES = ("auto", "always", "never")
 KEYS = {
     **{k: ("data", k) for k in ("dataroot", "dets", "boxes", "ann", "skip_missing_images", "synthetic", "seed",
                                 "detector_weights", "detector_cfg")},
     **{k: ("model", k) for k in ("weights", "models_dir", "uint8_input", "om_batch")},
     "precision_mode": ("model", "precision_modes"),
-    "backend": ("backend", "name"), "threads": ("backend", "threads"), "prep_threads": ("backend", "prep_threads"),
-    "sim_rate": ("backend", "sim_rate"), "allow_opencv_mismatch": ("backend", "allow_opencv_mismatch"),
-    **{k: ("cluster", k) for k in ("devices", "address", "soc_version")},
+    "backend": ("backend", "name"), "threads": ("backend", "threads"), "host_processes": ("backend", "host_processes"),
+    "sim_rate": ("backend", "sim_rate"),
+    "sim_gil": ("backend", "sim_gil"), "allow_opencv_mismatch": ("backend", "allow_opencv_mismatch"),
+    **{k: ("cluster", k) for k in ("devices", "address", "soc_version", "ship_images")},
     "device_timeout": ("queue", "device_timeout_s"), "straggler_factor": ("queue", "straggler_factor"),
     "straggler_floor": ("queue", "straggler_floor_s"),
     **{k: ("evaluation", k) for k in ("evaluator", "check_backend", "check_boxes")},
@@ -185,7 +191,7 @@ def _is_number(value) -> bool:
 
 
 def _check_numbers(values: dict) -> None:
-    for key in ("synthetic", "seed", "shard_size", "threads", "prep_threads"):
+    for key in ("synthetic", "seed", "shard_size", "threads", "host_processes"):
         if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
             raise ConfigError(f"{key}: {values[key]!r} is not a non-negative integer")
     if values["shard_size"] < 1:
@@ -214,6 +220,10 @@ def _check_choices(values: dict) -> None:
         raise ConfigError(f"uint8_input: {values['uint8_input']!r} is not true, false or auto")
     if values["fused_flip"] and not values["flip"]:
         raise ConfigError("fused_flip: a fused-flip model always runs the flip test; drop --no-flip or --fused-flip")
+    if values["ship_images"] not in SHIP_IMAGES:
+        raise ConfigError(f"ship_images: {values['ship_images']!r} is not one of {', '.join(SHIP_IMAGES)}")
+    if values["sim_gil"] not in GIL_MODES:
+        raise ConfigError(f"sim_gil: {values['sim_gil']!r} is not one of {', '.join(GIL_MODES)}")
     if values["om_batch"] not in ("static", "dynamic"):
         raise ConfigError(f"om_batch: {values['om_batch']!r} is not static or dynamic")
     values["precision_mode"] = precision_modes(values["precision_mode"])

@@ -35,12 +35,13 @@ class StageLines:
 
 
 def run_stage(pool: ActorPool, shards: list, on_result: Callable, log: Callable, policy: DispatchPolicy,
-              on_failed: Callable, lines: StageLines) -> DispatchReport:
+              on_failed: Callable, lines: StageLines, package: Callable | None = None,
+              check: Callable | None = None) -> DispatchReport:
     """Every shard once on the pool's workers (``cluster.dispatch.run_shards``); one line when it cannot."""
     stop = threading.Event()
     try:
         with ctrl_c_stops(stop):
-            return run_shards(pool, shards, on_result, log, policy, on_failed, stop)
+            return run_shards(pool, shards, on_result, log, policy, on_failed, stop, package, check)
     except (Stopped, KeyboardInterrupt):
         raise Interrupted(lines.interrupted()) from None
     except AllDevicesLost as e:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.placement import Placement
+from cluster.placement import Placement, host_processes, opencv_threads
 from cluster.pool import ActorPool, actor_pool
 from cluster.queue import DispatchPolicy, DispatchReport
+from cluster.remote_atc import convert_where_cann_is
 from cluster.reducer import device_rows
 from cluster.session import Session, ray_session
 from runner.config import RunConfig, check_soc_version
@@ -121,20 +122,25 @@ def detect_on_session(session: Session, inputs: DetectInputs, backend: str, mode
 
     job = inputs.job
     model_path = prepare_detector_model(backend, inputs.model, job.weights, inputs.cfg_path, models_dir,
-                                        soc_version(session.devices) if backend == "om" else None)
+                                        soc_version(session.devices) if backend == "om" else None,
+                                        convert_where_cann_is)
     inputs.model = None  # the workers load their own; the driver's copy (~250 MB) is not kept for the pose stage
     with actor_pool(session, DetectWorker, backend, threads, log=log) as pool:
-        pool.start(lambda p: detect_worker_config(p, backend, model_path, inputs))
+        pool.start(lambda p: detect_worker_config(p, backend, model_path, inputs, session.cpus_per_worker))
         return detect_with(pool, inputs, backend, log, policy)
 
 
-def detect_worker_config(p: Placement, backend: str, model_path: str, inputs: DetectInputs) -> DetectWorkerConfig:
+def detect_worker_config(p: Placement, backend: str, model_path: str, inputs: DetectInputs,
+                         cpus_per_worker: float) -> DetectWorkerConfig:
     """PyTorch needs >= 2 threads to reproduce upstream's CPU sums (docs/numerics.md#detector-reproducibility),
-    so a torch worker gets 2 at least."""
+    so a torch worker gets 2 at least. Host processes are sized as the pose stage's are."""
     from cluster.detect_actor import DetectWorkerConfig
 
-    place = p.place(threads=max(2, p.threads) if backend == "torch" else p.threads)
-    return DetectWorkerConfig(place=place, model_path=model_path, cfg_path=str(inputs.cfg_path.resolve()))
+    processes = host_processes(0, p.compute_device, backend, cpus_per_worker)
+    place = p.place(threads=max(2, p.threads) if backend == "torch" else p.threads,
+                    opencv_threads=opencv_threads(processes, p.compute_device, backend, cpus_per_worker))
+    return DetectWorkerConfig(place=place, model_path=model_path, cfg_path=str(inputs.cfg_path.resolve()),
+                              host_processes=processes)
 
 
 def image_shards(images: list[tuple[Path, int]], workers: int, shard_size: int) -> list[ImageShard]:

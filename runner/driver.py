@@ -23,15 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
-from cluster.placement import Placement, opencv_threads, prep_threads
+from cluster.placement import Placement, host_processes, opencv_threads
 from cluster.pool import ActorPool, actor_pool
 from cluster.queue import DispatchReport
 from cluster.reducer import Merged, format_throughput, merge_shards, throughput
 from cluster.session import Session
+from cluster.staging import ShippedModel
 from runner.config import RunConfig, flat
 from runner.control import StageLines, run_stage, session_for
 from runner.errors import RunError
 from runner.inputs import Inputs, load_inputs, prepare_model
+from runner.shipping import DataNotShared, ImageShipping, data_sample, shipped_model
 from runner.journal import Journal
 from runner.outputs import (RUN_FILES, TIMING_SCOPE, Laps, format_metrics, iso_time, peak_rss_mb, prepare_out,
                             versions, write_json, write_results)
@@ -241,7 +243,13 @@ def execute(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session, p
     executed = Executed([], [], [], DispatchReport(), now, now)
     if not batch.todo:
         return executed
-    executed.described = ready_workers(batch, cfg, plan, session, pool, log)
+    try:
+        executed.described, shipping = ready_workers(batch, cfg, plan, session, pool, log)
+    except DataNotShared:  # refused before any shard: the run leaves nothing behind
+        batch.journal.discard_if_empty()
+        if batch.out.is_dir() and not any(batch.out.iterdir()):
+            batch.out.rmdir()
+        raise
     batch.laps.mark("workers")
     progress = Progress(len(box_set.boxes), sum(len(r.box_ids) for r in batch.done.values()),
                         [d["device"] for d in executed.described], len(batch.shards), quiet=cfg.output.quiet,
@@ -253,10 +261,15 @@ def execute(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session, p
     executed.first_dispatch = time.time()
     try:
         executed.report = run_stage(pool, batch.todo, lambda r: _journal(batch, executed, progress, r), log,
-                                    cfg.queue, lambda shard, why: _give_up(executed, shard, why), lines)
+                                    cfg.queue, lambda shard, why: _give_up(executed, shard, why), lines,
+                                    shipping.package, shipping.check)
     finally:
         progress.close()
     batch.laps.mark("dispatch_window")
+    if shipping.bytes_shipped:
+        seconds = max(1e-9, time.time() - executed.first_dispatch)
+        log(f"images shipped in the shards of {len(shipping.ship_to)} workers: {shipping.bytes_shipped / 2**20:.1f} "
+            f"MiB, {shipping.bytes_shipped / 2**20 / seconds:.1f} MiB/s over the dispatch window")
     for d in executed.described:
         d["lost"] = d["device"] in executed.report.lost
         if d["lost"]:
@@ -282,25 +295,28 @@ def _give_up(executed: Executed, shard: Shard, why: str) -> None:
 
 
 def ready_workers(batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session, pool: ActorPool,
-                  log) -> list[dict]:
+                  log) -> tuple[list[dict], ImageShipping]:
     """The pose workers at the batch plan's size: started on first use, switched in a sweep's later runs.
 
     A worker that cannot switch (it died between two batch sizes) is dropped with one
     line and the run goes on with the others. ``OUT/devices.json`` says who runs where.
     """
     dump_dir = str((batch.out / "heatmaps").resolve()) if cfg.output.dump_heatmaps else None
+    model = shipped_model(session, batch.model_path)
     if not pool.started:
-        described = pool.start(lambda p: worker_config(p, batch, cfg, plan, session, dump_dir))
+        sample = data_sample(batch.inputs.box_set)
+        described = pool.start(lambda p: worker_config(p, batch, cfg, plan, session, dump_dir, model, sample))
         log("workers: " + ", ".join(f"{d['device']}{_chip_note(d)} pid {d['pid']} on {d['node']}" for d in described))
     else:
-        for label, why in pool.call_all("set_batch", batch.model_path, batch.bs, dump_dir).items():
+        for label, why in pool.call_all("set_batch", batch.model_path, batch.bs, dump_dir, model).items():
             log(f"device {label} lost (it could not switch to bs {batch.bs}: {why}); the others go on")
         if not pool.actors:
             raise RunError(f"every device was lost ({'; '.join(f'{k}: {v}' for k, v in pool.lost.items())}); "
                            "rerun the same command with --resume to continue from the batch sizes done")
     described = pool.current()
+    shipping = ImageShipping.decide(described, cfg.cluster.ship_images)  # before any file: never may stop here
     write_json(batch.out / "devices.json", described)
-    return described
+    return described, shipping
 
 
 def _chip_note(described: dict) -> str:
@@ -309,12 +325,14 @@ def _chip_note(described: dict) -> str:
 
 
 def worker_config(p: Placement, batch: BatchPlan, cfg: RunConfig, plan: RunPlan, session: Session,
-                  dump_dir: str | None) -> WorkerConfig:
-    prep = prep_threads(cfg.backend.prep_threads, p.compute_device, plan.backend, session.cpus_per_worker)
+                  dump_dir: str | None, model: ShippedModel | None = None,
+                  sample: tuple[tuple[str, int], ...] = ()) -> WorkerConfig:
+    prep = host_processes(cfg.backend.host_processes, p.compute_device, plan.backend, session.cpus_per_worker)
     place = p.place(opencv_threads=opencv_threads(prep, p.compute_device, plan.backend, session.cpus_per_worker))
-    return WorkerConfig(place=place, model_path=batch.model_path, batch_size=batch.bs, prep_threads=prep,
+    return WorkerConfig(place=place, model_path=batch.model_path, batch_size=batch.bs, host_processes=prep,
                         flip=plan.flip, dump_dir=dump_dir, variant=plan.variant, sim_rate=cfg.backend.sim_rate,
-                        allow_opencv_mismatch=cfg.backend.allow_opencv_mismatch)
+                        sim_gil=cfg.backend.sim_gil, allow_opencv_mismatch=cfg.backend.allow_opencv_mismatch,
+                        slot_boxes=max(cfg.bs), model=model, data_sample=sample)
 
 
 # ---------------------------------------------------------------- summarise

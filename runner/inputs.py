@@ -118,7 +118,7 @@ def prepare_model(cfg: RunConfig, plan: RunPlan, weights: str, box_set: BoxSet, 
         options = ExportOptions(batch_size=None, variant=variant)
         return str(export_onnx(weights, models_dir, options, check_crops(box_set)).resolve())
     if backend == "om":
-        from tasks.atc import convert_to_om
+        from cluster.remote_atc import convert_where_cann_is
 
         # A dynamic-batch OM needs an ONNX whose batch ATC may set to -1: the symbolic-batch export.
         onnx = export_onnx(weights, models_dir, ExportOptions(batch_size=None if plan.gears else bs, variant=variant),
@@ -126,8 +126,9 @@ def prepare_model(cfg: RunConfig, plan: RunPlan, weights: str, box_set: BoxSet, 
         # The uint8 variant takes NHWC crops: ND tells ATC not to read its dims as NCHW.
         layout = {"input_chw": variant.input_shape(bs)[1:], "input_format": "ND"} if variant.uint8_input else {}
         batch = {"gears": plan.gears} if plan.gears else {"batch_size": bs}
-        return str(convert_to_om(onnx, models_dir, plan.soc_version, **batch, **layout,
-                                 precision_mode=plan.precision_mode).resolve())
+        # where the driver has no atc, an NPU node of the cluster converts (cluster.remote_atc)
+        return str(convert_where_cann_is(onnx, models_dir, plan.soc_version, **batch, **layout,
+                                         precision_mode=plan.precision_mode).resolve())
     raise RunError(f"unknown backend {backend!r}")
 
 

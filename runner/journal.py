@@ -49,6 +49,13 @@ class Journal:
         atomic_write_text(stamp, json.dumps(self.fingerprint, indent=1, sort_keys=True))
         return {}
 
+    def discard_if_empty(self) -> None:
+        """Remove a journal that holds no shard yet (a run refused before any shard ran), and its folder."""
+        if self.dir.is_dir() and not any(self.dir.glob("shard-*.npz")):
+            (self.dir / "fingerprint.json").unlink(missing_ok=True)
+            if not any(self.dir.iterdir()):
+                self.dir.rmdir()
+
     def _load(self) -> dict[int, ShardResult]:
         done = {}
         for path in sorted(self.dir.glob("shard-*.npz")):

@@ -2,6 +2,8 @@
 
     atc_command(onnx, output_stem, soc)            the argv, exactly the published recipe
     convert_to_om(onnx, models_dir, soc, bs)       the cached OM; runs `atc` when it is missing
+    om_job / cached_om / convert_job               its parts: the cache's name and key, the lookup,
+                                                   the conversion (cluster.remote_atc runs it elsewhere)
     atc_version(exe)                               the CANN compiler version beside an `atc`
 
 A cached OM is used only when its sidecar records the same ATC argv (output path
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.cann import SET_ENV
@@ -119,6 +122,64 @@ def find_om(stem: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+@dataclass(frozen=True)
+class OmJob:
+    """One conversion as the cache names it: the ONNX (by path and hash), where its OM goes, what ATC is told.
+
+    Picklable, so another host can run it (``cluster.remote_atc``): ``convert_job`` with
+    ``stem`` moved into that host's work folder makes the OM the driver's cache would hold.
+    """
+
+    onnx: Path  # as the caller has it: the sidecar records this path
+    sha256: str
+    stem: Path  # models_dir/<name>, no .om
+    soc_version: str
+    batch_size: int | None
+    gears: tuple[int, ...] | None
+    input_name: str = INPUT_NAME
+    input_chw: tuple[int, ...] = FASTPOSE_CHW
+    input_format: str = "NCHW"
+    precision_mode: str = DEFAULT_PRECISION
+
+    @property
+    def want(self) -> dict:
+        return {"name": self.input_name, "shape": [self.batch_size or -1, *self.input_chw]}
+
+    def argv(self, onnx_path: str | Path, output_stem: str | Path) -> list[str]:
+        return atc_command(onnx_path, output_stem, self.soc_version, self.batch_size, self.gears,
+                           input_name=self.input_name, input_chw=self.input_chw, input_format=self.input_format,
+                           precision_mode=self.precision_mode)
+
+    @property
+    def key(self) -> list[str]:
+        return cache_key(self.argv(self.onnx, self.stem), self.sha256)
+
+
+def om_job(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
+           gears: Sequence[int] | None = None, *, input_name: str = INPUT_NAME,
+           input_chw: Sequence[int] = FASTPOSE_CHW, input_format: str = "NCHW",
+           precision_mode: str = DEFAULT_PRECISION, sha256: str | None = None) -> OmJob:
+    """The conversion ``convert_to_om`` would run for these arguments (it hashes the ONNX unless given
+    ``sha256``); AtcError when the ONNX is not there."""
+    onnx_path = Path(onnx_path).resolve()
+    if not onnx_path.is_file():
+        raise AtcError(f"ONNX model {onnx_path} not found")
+    sha = sha256 or file_sha256(str(onnx_path))
+    stem = om_stem(onnx_path, models_dir, soc_version, batch_size, gears, sha, precision_mode)
+    job = OmJob(onnx_path, sha, stem, soc_version, batch_size, None if gears is None else tuple(gears),
+                input_name, tuple(int(d) for d in input_chw), input_format, precision_mode)
+    job.argv(onnx_path, stem)  # a bad argument fails here, before any conversion
+    return job
+
+
+def cached_om(job: OmJob, version: str | None | object) -> Path | None:
+    """The cached OM of ``job`` when its sidecar records the same input, argv and CANN ``version``
+    (``ANY_VERSION``: whatever it records; for a host where nothing could convert again)."""
+    cached = find_om(job.stem)
+    # The name keys ONNX, soc, batch and precision; the sidecar the rest of the argv and CANN's version.
+    return cached if cached is not None and _cached_fits(cached, job.want, job.key, version) else None
+
+
 def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: str, batch_size: int | None = None,
                   gears: Sequence[int] | None = None, timeout: float = 3600, *, input_name: str = INPUT_NAME,
                   input_chw: Sequence[int] = FASTPOSE_CHW, input_format: str = "NCHW",
@@ -131,38 +192,38 @@ def convert_to_om(onnx_path: str | Path, models_dir: str | Path, soc_version: st
     place only when ATC succeeded, so a killed conversion is never cached.
     Raises AtcError with one line: atc missing, its exit status and E-code lines.
     """
-    onnx_path = Path(onnx_path).resolve()
-    if not onnx_path.is_file():
-        raise AtcError(f"ONNX model {onnx_path} not found")
-    sha = file_sha256(str(onnx_path))
-    stem = om_stem(onnx_path, models_dir, soc_version, batch_size, gears, sha, precision_mode)
-    want = {"name": input_name, "shape": [batch_size or -1, *(int(d) for d in input_chw)]}
+    job = om_job(onnx_path, models_dir, soc_version, batch_size, gears, input_name=input_name,
+                 input_chw=input_chw, input_format=input_format, precision_mode=precision_mode)
     exe = shutil.which("atc")
     version = atc_version(exe) if exe else None
-    key = cache_key(atc_command(onnx_path, stem, soc_version, batch_size, gears, input_name=input_name,
-                                input_chw=input_chw, input_format=input_format, precision_mode=precision_mode), sha)
-    cached = find_om(stem)
-    # The name keys ONNX, soc, batch and precision; the sidecar the rest of the argv and CANN's version.
     # Without atc on PATH the version cannot be told, and nothing could convert again anyway.
-    if cached is not None and _cached_fits(cached, want, key, version if exe else _ANY):
+    cached = cached_om(job, version if exe else ANY_VERSION)
+    if cached is not None:
         return cached
     if exe is None:
         raise AtcError(f"atc not found on PATH: source {SET_ENV} (CANN's set_env.sh), "
                        "or install the CANN toolkit that provides it")
+    return convert_job(job, job.onnx, exe, version, timeout)
+
+
+def convert_job(job: OmJob, onnx_path: str | Path, exe: str, version: str | None, timeout: float = 3600) -> Path:
+    """Run ``exe`` (an ``atc``) on ``onnx_path`` (``job.onnx`` or a copy of it) and put the OM and its
+    sidecar at ``job.stem``; the OM's path. AtcError with one line when ATC fails."""
+    stem = job.stem
     stem.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=stem.parent, prefix=f".atc-{stem.name}-"))
     try:
-        argv = atc_command(onnx_path, work / stem.name, soc_version, batch_size, gears, input_name=input_name,
-                           input_chw=input_chw, input_format=input_format, precision_mode=precision_mode)
+        argv = job.argv(onnx_path, work / stem.name)
         made = _run_atc([exe, *argv[1:]], work, stem.name, stem.parent / f"{stem.name}.atc.log", timeout)
         om = stem.parent / made.name
         # ais_bench refuses group/other-writable model files (docs/ascend.md#ais_bench-sessions).
         os.chmod(made, 0o644)
         move_into_place(made, om)
-        info = {"onnx": str(onnx_path), "onnx_sha256": sha, "soc_version": soc_version,
-                "batch_size": batch_size, "gears": None if batch_size is not None else list(_gears(gears)),
-                "input": want, "precision_mode": precision_mode, "atc_version": version, "atc_key": key,
-                "atc": argv}
+        info = {"onnx": str(job.onnx), "onnx_sha256": job.sha256, "soc_version": job.soc_version,
+                "batch_size": job.batch_size,
+                "gears": None if job.batch_size is not None else list(_gears(job.gears)),
+                "input": job.want, "precision_mode": job.precision_mode, "atc_version": version,
+                "atc_key": job.key, "atc": argv}
         _write_json(om.with_suffix(".json"), info)
         return om
     finally:
@@ -199,7 +260,7 @@ def _run_atc(argv: list[str], work: Path, name: str, log: Path, timeout: float) 
     raise AtcError(f"atc failed (exit status {proc.returncode}) for {name}: {why}; full output: {log}")
 
 
-_ANY = object()  # a version that matches whatever the sidecar says
+ANY_VERSION = object()  # a version that matches whatever the sidecar says
 
 
 def cache_key(argv: Sequence[str], sha256: str) -> list[str]:
@@ -257,7 +318,7 @@ def _cached_fits(om: Path, want: dict, key: list[str], version) -> bool:
     if not isinstance(info, dict):
         return False
     return info.get("input") == want and info.get("atc_key") == key and \
-        (version is _ANY or info.get("atc_version") == version)
+        (version is ANY_VERSION or info.get("atc_version") == version)
 
 
 def glob_escape(name: str) -> str:

@@ -230,7 +230,16 @@ def read_bgr(path: str, attempts: int = 4, backoff_s: float = 0.05) -> np.ndarra
     ``backoff_s`` doubling between tries (0.35 s in all by default), then raise
     ``TransientImageError``; any other failure raises ``ImageError``.
     """
-    data = _read_image_bytes(path, attempts, backoff_s)
+    return decode_bgr(_read_image_bytes(path, attempts, backoff_s), path)
+
+
+def decode_rgb(data: bytes, path: str) -> np.ndarray:
+    """``read_rgb`` of a file's bytes read elsewhere (shipped in a shard); ``path`` names it in errors."""
+    return cv2.cvtColor(decode_bgr(data, path), cv2.COLOR_BGR2RGB)
+
+
+def decode_bgr(data: bytes, path: str) -> np.ndarray:
+    """``read_bgr``'s checks and decode on a file's bytes; ``path`` names it in errors."""
     # libjpeg pads a truncated JPEG with grey and only warns; a crop of it would be
     # silently wrong. Some encoders append bytes after EOI, so look near the end.
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:

@@ -5,6 +5,7 @@ process or in any number of device actors.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,20 +39,32 @@ def prepare_batch(boxes: list[Box], images: dict[int, np.ndarray]) -> PreparedBa
                          np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
-def network_inputs(crops: np.ndarray, variant: Variant, flip: bool = True) -> list[np.ndarray]:
+def network_inputs(crops: np.ndarray, variant: Variant, flip: bool = True,
+                   empty: Callable[[tuple, type], np.ndarray] | None = None) -> list[np.ndarray]:
     """What the backend is handed, one array per call: host work, done before the device.
 
     Float models get the normalised input (and its mirror for the flip test); a
     uint8 model the crops as cut (and theirs); a fused-flip model one array, which
-    it mirrors itself.
+    it mirrors itself. ``empty(shape, dtype)``, when given, makes each array where it
+    is to lie (a shared slot: cluster.host_work), so nothing is copied there after.
     """
     if variant.fused_flip and not flip:
         raise ValueError("a fused-flip model always runs the flip test; turn off fused_flip to run without it")
-    x = crops if variant.uint8_input else crops_to_input(crops)
+    shape = variant.input_shape(len(crops))
+    dest = (lambda: None) if empty is None else (lambda: empty(shape, variant.input_dtype()))
+    if variant.uint8_input:
+        x = crops if empty is None else _copied(crops, dest())
+    else:
+        x = crops_to_input(crops, dest())
     if variant.fused_flip or not flip:
         return [x]
     # uint8 NHWC mirrors along axis 2, float NCHW along axis 3: the same pixels either way
-    return [x, flip_crops(crops) if variant.uint8_input else flip_input(x)]
+    return [x, flip_crops(crops, dest()) if variant.uint8_input else flip_input(x, dest())]
+
+
+def _copied(a: np.ndarray, into: np.ndarray) -> np.ndarray:
+    np.copyto(into, a)
+    return into
 
 
 @dataclass
@@ -88,10 +101,15 @@ def warm_up(backend: Backend, flip: bool = True) -> None:
     run_network(backend, inputs)
 
 
+def merge_heatmaps(outputs: list[np.ndarray]) -> np.ndarray:
+    """The batch's heatmaps from the backend's outputs: two passes flip-merged, or a fused model's one."""
+    return flip_merge(outputs[0], outputs[1]) if len(outputs) == 2 else outputs[0]
+
+
 def merge_outputs(variant: Variant, inputs: list[np.ndarray], outputs: list[np.ndarray],
                   seconds: float) -> InferredBatch:
     """Flip-merge two passes (docs/numerics.md#flip); a fused model's one output is merged already."""
-    heatmaps = flip_merge(outputs[0], outputs[1]) if len(outputs) == 2 else outputs[0]
+    heatmaps = merge_heatmaps(outputs)
     n = len(inputs[0])
     crops = 2 * n if variant.fused_flip else n * len(inputs)
     return InferredBatch(heatmaps, seconds, len(outputs), crops, sum(x.nbytes for x in inputs),

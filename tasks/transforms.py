@@ -100,10 +100,10 @@ def _normalisation_tables(spec: ModelSpec) -> np.ndarray:
 _TABLES = _normalisation_tables(FASTPOSE)
 
 
-def crops_to_input(crops: np.ndarray) -> np.ndarray:
-    """uint8 ``[n, 256, 192, 3]`` RGB crops -> float32 ``[n, 3, 256, 192]`` network input."""
+def crops_to_input(crops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 ``[n, 256, 192, 3]`` RGB crops -> float32 ``[n, 3, 256, 192]`` network input (into ``out``)."""
     n, h, w, _ = crops.shape
-    out = np.empty((n, 3, h, w), dtype=f32)
+    out = np.empty((n, 3, h, w), dtype=f32) if out is None else out
     for i in range(n):
         table = _TABLES[0] if crops[i].max() > 1 else _TABLES[1]
         # a table lookup per plane, straight into the CHW output (0.12 ms a crop, vs
@@ -113,14 +113,19 @@ def crops_to_input(crops: np.ndarray) -> np.ndarray:
     return out
 
 
-def flip_input(x: np.ndarray) -> np.ndarray:
-    """Mirror the network input along its width (docs/numerics.md#flip; trap T19: not a re-crop)."""
-    return np.ascontiguousarray(x[..., ::-1])
+def flip_input(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Mirror the float ``[n, 3, H, W]`` network input along its width (into ``out``; docs/numerics.md#flip;
+    trap T19: not a re-crop)."""
+    out = np.empty_like(x) if out is None else out
+    for image, mirrored in zip(x, out):
+        for plane, flipped in zip(image, mirrored):
+            cv2.flip(plane, 1, dst=flipped)  # a copy in reverse order, 4x faster than numpy's of a reversed view
+    return out
 
 
-def flip_crops(crops: np.ndarray) -> np.ndarray:
-    """Mirror uint8 ``[n, H, W, 3]`` crops along their width: the uint8-input model's flip pass."""
-    out = np.empty_like(crops)
+def flip_crops(crops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Mirror uint8 ``[n, H, W, 3]`` crops along their width (into ``out``): the uint8-input model's flip pass."""
+    out = np.empty_like(crops) if out is None else out
     for crop, mirrored in zip(crops, out):
         cv2.flip(crop, 1, dst=mirrored)  # 15x faster than numpy's copy of a reversed view
     return out

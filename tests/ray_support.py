@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,20 @@ def fake_npu_env(base: dict[str, str], logs: Path, api: str = "new", soc: str = 
                 FAKE_ASCEND_SOC=soc, FAKE_ACL_LOG=str(logs / "acl.jsonl"), FAKE_ATC_LOG=str(logs / "atc.jsonl"))
 
 
+def fake_cann_toolkit(root: Path, version: str = "8.0.RC1") -> Path:
+    """A CANN-like ``root/compiler/bin/atc`` running the fake atc, beside ``root/compiler/version.info``
+    (``tasks.atc.atc_version`` reads ``version``); a ``root/mode`` file sets FAKE_ATC_MODE for the next
+    run (default success). Returns the ``bin`` folder, to put on a PATH."""
+    bin_dir = root / "compiler" / "bin"
+    bin_dir.mkdir(parents=True)
+    (root / "compiler" / "version.info").write_text(f"Version={version}\n")
+    atc = bin_dir / "atc"
+    atc.write_text(f"#!/bin/sh\nFAKE_ATC_MODE=$(cat '{root}/mode' 2>/dev/null || echo success) "
+                   f"exec {sys.executable} '{FAKES / 'bin' / 'atc'}' \"$@\"\n")
+    atc.chmod(0o755)
+    return bin_dir
+
+
 def logged(path: Path) -> list:
     """The JSON lines a fake wrote: one argv per atc run, one record per opened session."""
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -183,3 +199,16 @@ def assert_one_session_per_actor(sessions: list[dict], model_suffix: str) -> Non
     assert sorted(s["visible"] for s in sessions) == ["0", "1"]
     assert {s["device_id"] for s in sessions} == {0} and len({s["pid"] for s in sessions}) == 2
     assert all(s["model"].endswith(model_suffix) for s in sessions)
+
+
+@contextmanager
+def private_ray(module) -> Iterator[None]:
+    """A private Ray (2 CPUs) for a test module whose own functions and classes travel by value."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(module)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield
+    finally:
+        ray.shutdown()

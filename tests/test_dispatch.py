@@ -17,8 +17,10 @@ import ray.exceptions as rex  # noqa: E402
 from cluster.dispatch import classify, run_shards  # noqa: E402
 from cluster.errors import AllDevicesLost, Stopped  # noqa: E402
 from cluster.queue import DispatchPolicy, ShardQueue, device_timeout  # noqa: E402
+from cluster.errors import WorkerBroken  # noqa: E402
 from cluster.pool import ActorPool  # noqa: E402
 from cluster.session import Session  # noqa: E402
+from ray_support import private_ray  # noqa: E402
 
 
 @dataclass
@@ -74,6 +76,46 @@ class Queue:
 
 def ok(worker, shard_id, n):
     return "ok"
+
+
+def drive_reads(q: Queue, unreadable_on: set[str], avoid=lambda worker: set()):
+    """Like ``Queue.drive``, where every shard comes back incomplete from the workers in ``unreadable_on``
+    (images their node cannot read) and the queue is asked to run it elsewhere."""
+    results = []
+    for _ in range(200):
+        if q.queue.done:
+            return results
+        q.queue.fill(q.now)
+        token = q.queue.tokens[0]
+        worker, shard_id = q.sent[token]
+        q.now += 1.0
+        if worker in unreadable_on and q.queue.rejected(token, f"unread on {worker}", avoid(worker), q.now):
+            continue
+        sent, _ = q.queue.succeeded(token, q.now)
+        results.append((sent.shard.id, sent.worker, worker in unreadable_on))
+        q.dropped = getattr(q, "dropped", []) + q.queue.drops()
+    raise AssertionError("the queue never finished")
+
+
+def test_a_shard_a_worker_could_not_read_runs_on_another_and_that_worker_is_dropped_after_two():
+    q = Queue(workers=("a", "b", "c"), shards=6)
+    results = drive_reads(q, {"b"})
+    assert sorted(s for s, _, _ in results) == list(range(6))
+    assert all(w != "b" and not incomplete for _, w, incomplete in results)  # nothing left out, none won by b
+    assert q.dropped == ["b"] and "2 shards whose images other devices read could not be read on it " \
+        "(last: unread on b)" in q.queue.report.lost["b"]
+    assert any(line.startswith("shard 1 on b: unread on b; it runs again on another device") for line in q.lines)
+
+
+def test_the_workers_to_avoid_are_skipped_and_with_no_other_worker_the_result_stands():
+    # a and b share a node: a shard b could not read goes to c, never to a
+    q = Queue(workers=("a", "b", "c"), shards=3)
+    results = drive_reads(q, {"b"}, avoid=lambda w: {"a", "b"})
+    assert [w for w, s in q.sent if s == 1] == ["b", "c"]
+    # one worker only: its incomplete result is taken as it is (its boxes are skipped, named)
+    q = Queue(workers=("a",), shards=2)
+    results = drive_reads(q, {"a"})
+    assert results == [(0, "a", True), (1, "a", True)] and not q.queue.report.lost
 
 
 def test_first_fill_gives_every_worker_one_shard_before_any_gets_two():
@@ -217,6 +259,7 @@ def task_error(message: str) -> rex.RayTaskError:
     (rex.ActorDiedError(), "device"),
     (rex.WorkerCrashedError(), "device"),
     (task_error("boom"), "task"),
+    (rex.RayTaskError("run_shard", "Traceback ...", WorkerBroken("host process host-0 (pid 7) ended")), "device"),
 ])
 def test_each_ray_error_is_classified(error, kind):
     assert classify(error) == kind
@@ -239,10 +282,8 @@ class SleepyWorker:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's classes travel by value
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+    with private_ray(sys.modules[__name__]):
+        yield
 
 
 def real_pool(plan: dict) -> ActorPool:
@@ -292,9 +333,10 @@ def test_every_worker_lost_raises_with_each_cause(local_ray):
     pool = ActorPool(Session(ray, [], 1.0, existing=True), DyingWorker, "sim", 1)
     remote = ray.remote(max_concurrency=2, max_restarts=0, num_cpus=0)(DyingWorker)
     pool.actors = {label: remote.remote() for label in ("a", "b")}
-    with pytest.raises(AllDevicesLost, match=r"^every device was lost \(a: .*; b: .*\)$"):
+    with pytest.raises(AllDevicesLost, match=r"^every device was lost \([ab]: .*; [ab]: .*\)$") as raised:
         run_shards(pool, [FakeShard(k) for k in range(3)], print, print, DispatchPolicy(poll_s=0.05))
-    assert sorted(pool.lost) == ["a", "b"]
+    assert sorted(pool.lost) == ["a", "b"]  # in the order Ray saw them die
+    assert "a: " in str(raised.value) and "b: " in str(raised.value)
 
 
 def test_stop_ends_the_dispatch_between_two_calls(local_ray):

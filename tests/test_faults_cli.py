@@ -413,6 +413,7 @@ def test_om_of_another_batch_is_one_line(tmp_path, coco, random_checkpoint, expo
     """The cached OM for --bs 4 was in fact built for batch 8 (a file copied over it)."""
     import numpy as np
 
+    from fakes.fake_om import read_header, rewrite_header
     from tasks.atc import convert_to_om
     from tasks.export import ExportOptions, export_onnx
 
@@ -425,9 +426,8 @@ def test_om_of_another_batch_is_one_line(tmp_path, coco, random_checkpoint, expo
         om = convert_to_om(onnx, models, "Ascend310P3", batch_size=4)
     finally:
         os.environ["PATH"] = path
-    fake = json.loads(om.read_text())
-    fake["input_shape"][0] = 8
-    om.write_text(json.dumps(fake))
+    shape = read_header(om)["input_shape"]
+    rewrite_header(om, input_shape=[8, *shape[1:]])  # an OM built for another batch
 
     env = base_env(PATH=f"{FAKES / 'bin'}{os.pathsep}{os.environ['PATH']}",
                    PYTHONPATH=os.pathsep.join([str(FAKES), str(REPO)]), FAKE_AIS_BENCH_API="new",

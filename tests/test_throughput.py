@@ -15,7 +15,7 @@ import pytest
 
 from conftest import COCO_MINI, COCO_MINI_DETS, SHARED
 from runner.config import ConfigError, load_config
-from cluster.placement import prep_threads
+from cluster.placement import host_processes
 from tasks.backends import open_backend
 from tasks.dataset import load_boxes, read_rgb
 from tasks.export import ExportOptions, export_onnx
@@ -118,12 +118,12 @@ def test_sim_backend_takes_the_time_of_its_rate():
         open_backend("sim", None, "cpu", 8, 1, sim_rate=0.0)
 
 
-def test_prep_threads_are_sized_to_the_host():
-    assert prep_threads(3, "cpu", "onnxruntime", 8.0) == 3  # configured wins
-    assert prep_threads(0, "cpu", "onnxruntime", 8.0) == 1  # the backend owns the cores
-    assert prep_threads(0, "npu:0", "om", 6.0) == 6  # a device leaves them to preprocessing
-    assert prep_threads(0, "cpu", "sim", 1.0) == 1
-    assert prep_threads(0, "cuda:0", "torch", 48.0) == 8
+def test_host_processes_are_sized_to_the_host():
+    assert host_processes(3, "cpu", "onnxruntime", 8.0) == 3  # configured wins
+    assert host_processes(0, "cpu", "onnxruntime", 8.0) == 1  # the backend owns the cores
+    assert host_processes(0, "npu:0", "om", 6.0) == 6  # a device leaves them to the host work
+    assert host_processes(0, "cpu", "sim", 1.0) == 1
+    assert host_processes(0, "cuda:0", "torch", 48.0) == 8
 
 
 def test_config_refuses_fused_flip_without_flip_and_bad_rates():
@@ -131,6 +131,9 @@ def test_config_refuses_fused_flip_without_flip_and_bad_rates():
         load_config(None, {"fused_flip": True, "flip": False})
     with pytest.raises(ConfigError, match="sim_rate: 0 is not a positive number"):
         load_config(None, {"sim_rate": 0})
+    with pytest.raises(ConfigError, match="sim_gil: 'keep' is not one of hold, release"):
+        load_config(None, {"sim_gil": "keep"})
+    assert load_config(None, {}).backend.sim_gil == "hold"
 
 
 def test_cli_variants_same_keypoints_and_bytes_in_throughput(tmp_path, synthetic_coco, random_checkpoint, models_dir):

@@ -38,18 +38,19 @@ def load(target: str):
 
 
 def open_backend(name: str, model_path: str | None, device: str, batch_size: int, threads: int,
-                 variant: Variant = Variant(), sim_rate: float = 0.0) -> Backend:
+                 variant: Variant = Variant(), sim_rate: float = 0.0, sim_gil: str = "hold") -> Backend:
     """Open backend ``name`` on ``device`` ('cpu', 'cuda:N', 'npu:N': the id this process sees).
 
     ``model_path`` must implement ``variant`` (an ONNX or OM exported with it; torch
     wraps the checkpoint itself). ``sim_rate``: network inputs per second of the
-    simulated device, for ``sim`` only.
+    simulated device, for ``sim`` only; ``sim_gil``: whether its call keeps Python's GIL
+    ('hold', as aclruntime does) or releases it ('release', as ONNX Runtime and torch do).
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     opened = load(BACKENDS[name].pose)
     if name == "sim":
-        return opened(sim_rate, batch_size, variant)
+        return opened(sim_rate, batch_size, variant, sim_gil)
     return opened(model_path, device, batch_size, threads, variant)
 
 

@@ -49,8 +49,10 @@ def detector_onnx(model: Darknet, weights: str | Path, cfg: str | Path, models_d
 
 
 def prepare_detector_model(backend: str, model: Darknet, weights: str | Path, cfg: str | Path,
-                           models_dir: str | Path, soc_version: str | None = None) -> str:
-    """The absolute path of the file ``open_detector`` opens for ``backend``."""
+                           models_dir: str | Path, soc_version: str | None = None,
+                           convert: Callable | None = None) -> str:
+    """The absolute path of the file ``open_detector`` opens for ``backend``; ``convert`` makes the OM
+    (``tasks.atc.convert_to_om``'s signature; the driver's passes the conversion to a node with CANN)."""
     if backend == "torch":
         return str(Path(weights).resolve())
     if backend not in DETECTOR_BACKENDS:
@@ -61,7 +63,7 @@ def prepare_detector_model(backend: str, model: Darknet, weights: str | Path, cf
     from tasks.atc import convert_to_om
 
     inp = YOLOV3_SPP.inp
-    return str(convert_to_om(onnx, models_dir, soc_version, batch_size=1, input_name=INPUT_NAME,
+    return str((convert or convert_to_om)(onnx, models_dir, soc_version, batch_size=1, input_name=INPUT_NAME,
                              input_chw=(3, inp, inp)).resolve())
 
 

@@ -1,9 +1,11 @@
 """A strict stand-in for Huawei's ``aclruntime`` extension (spec ascend.md §1.3-§1.8), in the builds users have.
 
-No NPU here, so the "OM" is a fake one that ``tests/fakes/bin/atc`` writes: a JSON
-file that names the ONNX it came from and its input shape (static batch, or -1
-with gears). The session runs that ONNX with ONNX Runtime on the CPU, so its
-outputs are real numbers, and keeps the rules the C++ side enforces:
+No NPU here, so the "OM" is a fake one that ``tests/fakes/bin/atc`` writes
+(``tests/fakes/fake_om.py``): a JSON header line with the ONNX it came from and its
+input shape (static batch, or -1 with gears), then that ONNX's bytes, so that it is
+self-contained as a real OM is (it opens on a node that cannot see the ONNX). The
+session runs those bytes with ONNX Runtime on the CPU, so its outputs are real
+numbers, and keeps the rules the C++ side enforces:
 
 * each input buffer's byte count must equal the descriptor's ``realsize``, else it
   logs ``check i:<n> name:<x> in size:<got> needsize:<want> not match`` and raises
@@ -41,7 +43,14 @@ Like aclruntime (``Log.h``: ``ERROR_LOG`` is a ``printf``), the fake prints its
 
 Test knobs (not in aclruntime): ``FAKE_ACL_CONTEXT`` = ``thread`` | ``call`` overrides
 the generation's context rule; ``FAKE_ACL_EXEC_MS``, when set, is the time every
-execution is recorded as taking, so a test knows the device seconds to expect;
+execution takes on the "device" and is recorded as taking, so a test knows the device
+seconds to expect; ``FAKE_ACL_RATE``, when set, is the device's speed in network inputs
+per second: an execution of a batch of n takes n / rate and returns zeros, without
+running the ONNX (throughput runs at NPU speeds). Either way that time is spent inside
+a C call that keeps Python's GIL, as aclruntime's ``run``/``infer`` do (their pybind
+binding has no ``gil_scoped_release``): no other thread of the process runs Python
+meanwhile. (The ONNX Runtime compute that makes the real numbers releases the GIL,
+which the fake cannot prevent; with neither knob set that compute is the only time.)
 ``loaded_models()`` counts the models this process holds loaded.
 ``FAKE_ASCEND_SOC``, when set, is the chip this "host" has: an OM built for another
 soc_version fails to load like a real one does (spec §1.9). ``FAKE_ACL_LOG``, when
@@ -59,6 +68,7 @@ line: pid, model and the batch it ran at (the selected gear of a dynamic-batch O
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import enum
 import json
 import os
@@ -68,7 +78,16 @@ from array import array
 
 import numpy as np
 
-FAKE_OM_FORMAT = "fake-om/1"
+try:
+    from fake_om import FakeOmError, read_fake_om
+except ImportError:  # this file loaded by its path, tests/fakes not on sys.path (tests/test_host_work.py)
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("fake_om", os.path.join(os.path.dirname(__file__), "fake_om.py"))
+    _fake_om = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_fake_om)
+    FakeOmError, read_fake_om = _fake_om.FakeOmError, _fake_om.read_fake_om
+
 BUILDS = ("new", "ait-pairs", "ait", "ait-nomodes", "old")
 GENERATION = os.environ.get("FAKE_AIS_BENCH_API", "new")
 if GENERATION not in BUILDS:
@@ -238,14 +257,15 @@ class _Session2023:
         if os.environ.get("FAKE_ACL_OPEN_ERROR"):
             c_log(f"[ERROR] {os.environ['FAKE_ACL_OPEN_ERROR']}")
             raise RuntimeError("[1][ACL:invalid parameter]")
-        self.om = _load_om(model_path)
+        self.om, onnx = _load_om(model_path)
         self.om_path = model_path
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
-        self._ort = ort.InferenceSession(self.om["onnx"], opts, providers=["CPUExecutionProvider"])
+        self._ort = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])  # the OM's own bytes
+        del onnx
         self._loaded = True
         _count_load(+1)
         self.gears = self.om.get("gears")
@@ -331,13 +351,27 @@ class _Session2023:
                 f.write(json.dumps({"pid": os.getpid(), "model": self.om_path, "batch": self._batch(True),
                                     "dynamic": self.om["input_shape"][0] == -1}) + "\n")
         outputs = None
-        fixed_ms = os.environ.get("FAKE_ACL_EXEC_MS")
+        device_ms = self._device_ms()
         for _ in range(self._options.loop):
             start = time.time() * 1000 - self._created_ms
-            outputs = self._ort.run(None, feeds)
-            end = start + float(fixed_ms) if fixed_ms else time.time() * 1000 - self._created_ms
+            if os.environ.get("FAKE_ACL_RATE"):
+                outputs = [np.zeros((self._batch(True), *shape), _NUMPY[kind]) for _, kind, shape in self._out]
+            else:
+                outputs = self._ort.run(None, feeds)
+            if device_ms is not None:
+                # the device's time, GIL held: aclruntime's binding never releases it during an execution
+                _hold_gil(device_ms / 1000)
+            end = start + device_ms if device_ms is not None else time.time() * 1000 - self._created_ms
             self._sumary.record(start, end)
         return [Tensor(np.ascontiguousarray(o)) for o in outputs]
+
+    def _device_ms(self) -> float | None:
+        """The ms an execution stands for (FAKE_ACL_EXEC_MS, or the batch at FAKE_ACL_RATE); None: ORT's own."""
+        if os.environ.get("FAKE_ACL_EXEC_MS"):
+            return float(os.environ["FAKE_ACL_EXEC_MS"])
+        if os.environ.get("FAKE_ACL_RATE"):
+            return self._batch(True) / float(os.environ["FAKE_ACL_RATE"]) * 1000
+        return None
 
     def _feeds(self, inputs: list[BaseTensor]) -> dict[str, np.ndarray]:
         descs = self.get_inputs()
@@ -353,6 +387,8 @@ class _Session2023:
             if tensor.size != desc.realsize:
                 c_log(f"check i:{i} name:{desc.name} in size:{tensor.size} needsize:{desc.realsize} not match")
                 raise RuntimeError("[1][ACL:general failure]")
+            if os.environ.get("FAKE_ACL_RATE"):
+                continue  # nothing computes on the input: its bytes need not be read
             raw = ctypes.string_at(tensor.ptr, tensor.size)
             kind = np.dtype(_NUMPY[desc.datatype])
             feeds[desc.name] = np.frombuffer(raw, kind).reshape(self._batch(True), *desc.shape[1:])
@@ -388,6 +424,17 @@ class _Session2024(_SessionFree):
             raise RuntimeError("please check model path")
 
 
+_LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))
+
+
+def _hold_gil(seconds: float) -> None:
+    """Wait in a C call that keeps the GIL (ctypes.PyDLL does not release it), as aclruntime's execute does."""
+    while seconds > 0:
+        step = min(seconds, 0.5)
+        _LIBC.usleep(ctypes.c_uint(int(step * 1e6)))
+        seconds -= step
+
+
 def _chip(visible: str | None, device_id: int) -> int | None:
     """The logical id device ``device_id`` is in a process whose ASCEND_RT_VISIBLE_DEVICES is ``visible``."""
     if visible is None:
@@ -407,13 +454,11 @@ def _record_free(model_path: str, how: str) -> None:
 InferenceSession = {"new": _Session2024, "ait-pairs": _SessionFree, "ait": _SessionFree}.get(GENERATION, _Session2023)
 
 
-def _load_om(path: str) -> dict:
+def _load_om(path: str) -> tuple[dict, bytes]:
+    """The fake OM's header and the ONNX bytes it holds (it never opens the ONNX the header names)."""
     try:
-        with open(path) as f:
-            om = json.load(f)
-        if om.get("format") != FAKE_OM_FORMAT:
-            raise ValueError(om.get("format"))
-    except (OSError, ValueError) as e:
+        om, onnx = read_fake_om(path)
+    except (OSError, FakeOmError) as e:
         c_log(f"[ERROR] load model from file failed, model file is {path} ({e})")
         raise RuntimeError("[1][ACL:invalid parameter]") from None
     host_soc = os.environ.get("FAKE_ASCEND_SOC")
@@ -421,4 +466,4 @@ def _load_om(path: str) -> dict:
         c_log(f"[ERROR] load model from file failed, model file is {path} "
               f"(built for {om['soc_version']}, this chip is {host_soc})")
         raise RuntimeError("[1][ACL:invalid parameter]")
-    return om
+    return om, onnx
