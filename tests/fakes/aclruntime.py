@@ -45,7 +45,7 @@ Test knobs (not in aclruntime): ``FAKE_ACL_CONTEXT`` = ``thread`` | ``call`` ove
 the generation's context rule; ``FAKE_ACL_EXEC_MS``, when set, is the time every
 execution takes on the "device" and is recorded as taking, so a test knows the device
 seconds to expect; ``FAKE_ACL_RATE``, when set, is the device's speed in network inputs
-per second: an execution of a batch of n takes n / rate and returns zeros, without
+per second: an execution of a batch of n takes n / rate and returns ``RATE_FILL`` everywhere, without
 running the ONNX (throughput runs at NPU speeds). Either way that time is spent inside
 a C call that keeps Python's GIL, as aclruntime's ``run``/``infer`` do (their pybind
 binding has no ``gil_scoped_release``): no other thread of the process runs Python
@@ -355,7 +355,8 @@ class _Session2023:
         for _ in range(self._options.loop):
             start = time.time() * 1000 - self._created_ms
             if os.environ.get("FAKE_ACL_RATE"):
-                outputs = [np.zeros((self._batch(True), *shape), _NUMPY[kind]) for _, kind, shape in self._out]
+                outputs = [np.full((self._batch(True), *shape), RATE_FILL, _NUMPY[kind])
+                           for _, kind, shape in self._out]
             else:
                 outputs = self._ort.run(None, feeds)
             if device_ms is not None:
@@ -425,6 +426,9 @@ class _Session2024(_SessionFree):
 
 
 _LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))
+#: What every output holds at FAKE_ACL_RATE: a very negative logit, so a detector's heads find nothing
+#: (zeros would be objectness 0.5 everywhere: thousands of boxes to decode) and heatmaps peak nowhere.
+RATE_FILL = -20.0
 
 
 def _hold_gil(seconds: float) -> None:
