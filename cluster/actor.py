@@ -11,7 +11,6 @@ unless asked to dump them on its own side.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -20,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.host_work import ArraySpec, BatchSlots, HostPool, HostState, slot_room
+from cluster.host_work import ArraySpec, HostPool, HostState, slot_room
 from cluster.staging import ShippedModel, local_model
 from cluster.worker import DeviceWorker, WorkerPlace
 from tasks.backends import open_backend
 from tasks.dataset import Box, ImageError, decode_rgb, read_rgb
 from tasks.decode import decode_keypoints
-from tasks.files import atomic_file
+from tasks.files import atomic_file, file_size
 from tasks.opencv_check import check_opencv
 from tasks.pipeline import merge_heatmaps, network_inputs, prepare_batch, run_network, warm_up
 from tasks.variant import Variant, bytes_per_box
@@ -89,8 +88,6 @@ PREP_STAGES = ("read_decode", "crop", "input")
 POST_STAGES = ("flip_merge", "decode_keypoints")
 WAIT_STAGES = ("slot_wait", "prep_wait")
 HOST_STAGES = PREP_STAGES + POST_STAGES + WAIT_STAGES
-#: Batches in flight past those the host processes prepare: one on the device, one queued, one decoding.
-SLOTS_PAST_PROCESSES = 3
 
 
 # ---------------------------------------------------------------- in a host process
@@ -114,7 +111,7 @@ def prepare_into(state: HostState, slot: int, boxes: list[Box], paths: dict[int,
     t0 = time.perf_counter()
     images, skipped = {}, []
     for image_id in dict.fromkeys(b.image_id for b in boxes):
-        read = read_rgb if not data or image_id not in data else partial(_decode, data[image_id])
+        read = read_rgb if not data or image_id not in data else partial(decode_rgb, data[image_id])
         try:
             images[image_id] = state.images.get(paths[image_id], read)
         except ImageError as e:
@@ -132,10 +129,6 @@ def prepare_into(state: HostState, slot: int, boxes: list[Box], paths: dict[int,
     t3 = time.perf_counter()
     return PreparedInputs(prepared.box_ids, prepared.crop_boxes, skipped, specs,
                           {"read_decode": t1 - t0, "crop": t2 - t1, "input": t3 - t2})
-
-
-def _decode(data: bytes, path: str) -> np.ndarray:
-    return decode_rgb(data, path)
 
 
 @dataclass
@@ -188,14 +181,13 @@ class Worker(DeviceWorker):
         self.opencv_mismatch = check_opencv(config.allow_opencv_mismatch)
         super().__init__(config)
         try:
-            processes = max(1, config.host_processes)
             boxes = max(config.slot_boxes, config.batch_size)
-            self._slots = BatchSlots(processes + SLOTS_PAST_PROCESSES,
-                                     pose_slot_bytes(config.variant, config.flip, boxes))
-            self._host = HostPool(processes, self._slots, config.place.opencv_threads)
+            self._host = HostPool(config.host_processes, pose_slot_bytes(config.variant, config.flip, boxes),
+                                  config.place.opencv_threads)
         except BaseException:
             super().close()
             raise
+        self._slots = self._host.slots
         self._handover = ThreadPoolExecutor(1, thread_name_prefix="handover")
 
     def describe(self) -> dict:
@@ -381,14 +373,7 @@ class _ShardParts:
 
 def first_missing(sample: tuple[tuple[str, int], ...]) -> str | None:
     """The first sampled image this node does not hold as the driver does (absent, or another size); None: all."""
-    return next((path for path, size in sample if _size(path) != size), None)
-
-
-def _size(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:  # absent, or unreadable: either way this node does not see it
-        return None
+    return next((path for path, size in sample if file_size(path) != size), None)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

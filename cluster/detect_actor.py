@@ -20,14 +20,11 @@ from functools import partial
 
 import numpy as np
 
-from cluster.host_work import ArraySpec, BatchSlots, HostPool, HostState, slot_room
+from cluster.host_work import ArraySpec, HostPool, HostState, slot_room
 from cluster.worker import DeviceWorker, WorkerPlace
 from tasks.dataset import ImageError, read_bgr
 from tasks.detector import YOLOV3_SPP, image_records, letterbox_bgr_to_rgb_input, open_detector
 from tasks.detector.darknet_cfg import Yolo
-
-#: Images in flight past those the host processes letterbox: one on the device, one queued, one decoding.
-SLOTS_PAST_PROCESSES = 3
 
 
 @dataclass(frozen=True)
@@ -97,12 +94,12 @@ class DetectWorker(DeviceWorker):
     def __init__(self, config: DetectWorkerConfig) -> None:
         super().__init__(config)
         try:
-            processes = max(1, config.host_processes)
-            self._slots = BatchSlots(processes + SLOTS_PAST_PROCESSES, self._slot_bytes)
-            self._host = HostPool(processes, self._slots, config.place.opencv_threads, name="letterbox")
+            self._host = HostPool(config.host_processes, self._slot_bytes, config.place.opencv_threads,
+                                  name="letterbox")
         except BaseException:
             super().close()
             raise
+        self._slots = self._host.slots
 
     def open_session(self, config: DetectWorkerConfig):
         place = config.place

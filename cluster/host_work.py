@@ -45,6 +45,8 @@ from cluster.errors import WorkerBroken
 ALIGN = 64
 #: Seconds a fresh host process may take to import and map the slots.
 START_TIMEOUT_S = 120.0
+#: Batches in flight past those the host processes prepare: one on the device, one queued, one decoding.
+SLOTS_PAST_PROCESSES = 3
 #: Where slots are mapped, first that has room: memory-backed where the host has it.
 SLOT_DIRS = ("/dev/shm", tempfile.gettempdir())
 
@@ -291,10 +293,11 @@ _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
 
 
 class HostPool:
-    """A device worker's host processes and the slots they share with its device thread."""
+    """A device worker's host processes and the slots, of ``slot_bytes`` each, they share with its device thread."""
 
-    def __init__(self, processes: int, slots: BatchSlots, opencv_threads: int, name: str = "host") -> None:
-        self.slots = slots
+    def __init__(self, processes: int, slot_bytes: int, opencv_threads: int, name: str = "host") -> None:
+        processes = max(1, processes)
+        self.slots = slots = BatchSlots(processes + SLOTS_PAST_PROCESSES, slot_bytes)
         self.processes = [HostProcess(f"{name}-{i}", slots, opencv_threads) for i in range(max(1, processes))]
         try:
             for p in self.processes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.errors import first_line
-from cluster.staging import HashCache, local_model, model_files, sha256_of, ship_model
+from cluster.staging import ModelFiles, local_model, model_files, ship_model
 from tasks.atc import (ANY_VERSION, DEFAULT_PRECISION, FASTPOSE_CHW, AtcError, OmJob, atc_version, cached_om,
                        convert_job, convert_to_om, om_job)
 from tasks.cann import SET_ENV
@@ -49,12 +49,11 @@ def convert_where_cann_is(onnx_path: str | Path, models_dir: str | Path, soc_ver
                           batch_size: int | None = None, gears: Sequence[int] | None = None,
                           timeout: float = 3600, *, input_name: str = INPUT_NAME,
                           input_chw: Sequence[int] = FASTPOSE_CHW, input_format: str = "NCHW",
-                          precision_mode: str = DEFAULT_PRECISION, known: HashCache | None = None,
+                          precision_mode: str = DEFAULT_PRECISION,
                           log: Callable[[str], None] | None = None) -> Path:
     """``tasks.atc.convert_to_om``'s OM (same arguments, same cache), converted on this host when
     `atc` is on its PATH or Ray shows no NPU node, else on an NPU node of the Ray cluster.
 
-    ``known``: the caller's sha256 cache (``cluster.staging``), so the ONNX is hashed once.
     AtcError with one line when no host has `atc` and nothing is cached, or ATC fails.
     """
     options = dict(input_name=input_name, input_chw=input_chw, input_format=input_format,
@@ -63,9 +62,10 @@ def convert_where_cann_is(onnx_path: str | Path, models_dir: str | Path, soc_ver
     if not nodes:
         return convert_to_om(onnx_path, models_dir, soc_version, batch_size, gears, timeout, **options)
     onnx_path = Path(onnx_path).resolve()
-    sha = sha256_of(onnx_path, known) if onnx_path.is_file() else None
+    files = model_files(onnx_path) if onnx_path.is_file() else None  # hashed once: the cache key, then shipping
+    sha = files.main.sha256 if files else None
     job = om_job(onnx_path, models_dir, soc_version, batch_size, gears, sha256=sha, **options)
-    return convert_on_cluster(job, nodes, timeout, known, log)
+    return convert_on_cluster(job, nodes, timeout, files, log)
 
 
 def npu_nodes() -> list[dict]:
@@ -80,7 +80,7 @@ def npu_nodes() -> list[dict]:
                   key=lambda n: n["NodeID"])
 
 
-def convert_on_cluster(job: OmJob, nodes: list[dict], timeout: float = 3600, known: HashCache | None = None,
+def convert_on_cluster(job: OmJob, nodes: list[dict], timeout: float = 3600, files: ModelFiles | None = None,
                        log: Callable[[str], None] | None = None) -> Path:
     """``job``'s OM in the driver's cache: the cached one when an NPU node's `atc` would make it (same
     CANN version), else converted on the first node with `atc` (by node id)."""
@@ -100,7 +100,7 @@ def convert_on_cluster(job: OmJob, nodes: list[dict], timeout: float = 3600, kno
     if log:
         log(f"atc is not on this host's PATH: converting {job.stem.name} on {node.host} "
             f"(Ray node {node.node_id[:8]}, CANN {node.version or 'version unknown'})")
-    return _convert_on(node, job, timeout, known)
+    return _convert_on(node, job, timeout, files)
 
 
 def probe_nodes(nodes: list[dict]) -> list[AtcNode]:
@@ -117,11 +117,11 @@ def probe_nodes(nodes: list[dict]) -> list[AtcNode]:
     return [AtcNode(n["NodeID"], host, exe, version) for n, (host, exe, version) in zip(nodes, answers)]
 
 
-def _convert_on(node: AtcNode, job: OmJob, timeout: float, known: HashCache | None) -> Path:
+def _convert_on(node: AtcNode, job: OmJob, timeout: float, files: ModelFiles | None) -> Path:
     import ray
     from ray.exceptions import GetTimeoutError, RayError
 
-    shipped = ship_model(model_files(job.onnx, known))
+    shipped = ship_model(files or model_files(job.onnx))
     ref = _on_node(ray, _convert_here, node.node_id).remote(shipped, job, timeout)
     try:
         result = ray.get(ref, timeout=timeout + PROBE_TIMEOUT_S)

@@ -1,6 +1,6 @@
 """The model file on nodes that may not share the driver's storage: checked, or shipped through Ray.
 
-    files = model_files(path, known)          driver: the model and its companions, each by size and sha256
+    files = model_files(path)                 driver: the model and its companions, each by size and sha256
     shipped = ship_model(files)               driver: their bytes in Ray's object store, once per run
     path, how = local_model(shipped)          worker: the file to open on this node, and how it got here
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.files import atomic_file, file_sha256
+from tasks.files import atomic_file, file_sha256, file_size
 
 #: Files a model consists of besides itself, by the model's suffix: the ``.json`` that
 #: tasks/atc.py writes beside an OM (gears) and tasks/export.py beside an ONNX (how it was made).
@@ -36,8 +36,6 @@ NODE_CACHE_ENV = "RUNNER_NODE_CACHE"
 LOCAL, CACHED, SHIPPED = "local", "cached", "shipped"
 DIFFERS = " (local copy differs)"
 
-#: sha256 of files already hashed, by (path, size, mtime_ns): the driver's, across the runs of a command.
-HashCache = dict[tuple[str, int, int], str]
 
 
 class StagingError(UserError):
@@ -74,26 +72,14 @@ class ShippedModel:
     refs: tuple
 
 
-def sha256_of(path: str | Path, known: HashCache | None = None) -> str:
-    """``path``'s sha256, looked up in ``known`` first (same path, size and mtime) and added to it."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if known is not None and key in known:
-        return known[key]
-    digest = file_sha256(path)
-    if known is not None:
-        known[key] = digest
-    return digest
-
-
-def model_files(path: str | Path, known: HashCache | None = None) -> ModelFiles:
+def model_files(path: str | Path) -> ModelFiles:
     """``path`` and the companions present beside it, each with its size and sha256."""
     path = Path(path).resolve()
     if not path.is_file():
         raise StagingError(f"model file {path} not found: the driver cannot ship it to the workers")
     beside = [path.with_suffix(suffix) for suffix in COMPANIONS.get(path.suffix, ())]
     paths = [path, *(p for p in beside if p.is_file())]
-    return ModelFiles(path, tuple(FileEntry(p.name, p.stat().st_size, sha256_of(p, known)) for p in paths))
+    return ModelFiles(path, tuple(FileEntry(p.name, p.stat().st_size, file_sha256(p)) for p in paths))
 
 
 def ship_model(files: ModelFiles) -> ShippedModel:
@@ -171,19 +157,12 @@ def stale_entries(files: ModelFiles, folder: Path) -> list[FileEntry]:
     model (a sidecar names the path it was made from), so they are hashed.
     """
     main, *companions = files.entries
-    stale = [] if _size(folder / main.name) == main.size else [main]
+    stale = [] if file_size(folder / main.name) == main.size else [main]
     return stale + [e for e in companions if not _same_bytes(folder / e.name, e)]
 
 
 def _same_bytes(path: Path, entry: FileEntry) -> bool:
-    return _size(path) == entry.size and file_sha256(path) == entry.sha256
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
+    return file_size(path) == entry.size and file_sha256(path) == entry.sha256
 
 
 def _fetch(ref, entry: FileEntry, dest: Path) -> None:

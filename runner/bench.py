@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.devices import parse_devices
-from cluster.host_work import reuse_freed_memory
+from cluster.host_work import ImageCache, reuse_freed_memory
 from cluster.placement import placements
 from runner.config import RunConfig, changed
 from runner.driver import run
@@ -126,18 +126,13 @@ def host_work_part(boxes: list, paths: dict[int, str], variant: Variant, flip: b
     there), crop, build the inputs, then merge and decode heatmaps of the right shape.
     """
     reuse_freed_memory()  # as a worker's host processes do
-    cache: dict[int, object] = {}
+    cache = ImageCache()
     passes = 1 if variant.fused_flip or not flip else 2
     zeros = [np.zeros((bs, FASTPOSE.num_joints, *FASTPOSE.heatmap_hw), np.float32)] * passes
     start = time.perf_counter()
     for i in range(0, len(boxes), bs):
         batch = boxes[i:i + bs]
-        for image_id in dict.fromkeys(b.image_id for b in batch):
-            if image_id not in cache:
-                cache[image_id] = read_rgb(paths[image_id])
-                if len(cache) > 16:
-                    cache.pop(next(iter(cache)))
-        prepared = prepare_batch(batch, cache)
+        prepared = prepare_batch(batch, {b.image_id: cache.get(paths[b.image_id], read_rgb) for b in batch})
         network_inputs(prepared.crops, variant, flip)
         decode_keypoints(merge_heatmaps([z[:len(batch)] for z in zeros]), prepared.crop_boxes)
     return start, time.perf_counter()

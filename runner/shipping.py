@@ -20,6 +20,7 @@ from cluster.session import Session
 from cluster.staging import ShippedModel, model_files, ship_model
 from runner.errors import RunError
 from tasks.dataset import BoxSet
+from tasks.files import file_size
 
 #: Image files each worker looks for on its node: spread over the run's images.
 SAMPLE_FILES = 8
@@ -30,13 +31,8 @@ def data_sample(box_set: BoxSet, n: int = SAMPLE_FILES) -> tuple[tuple[str, int]
     cannot see itself are left out (they are missing everywhere: a skip, not a node's fault)."""
     paths = list(dict.fromkeys(box_set.image_paths[b.image_id] for b in box_set.boxes))
     picked = sorted({round(k * (len(paths) - 1) / max(1, n - 1)) for k in range(n)}) if paths else []
-    sample = []
-    for k in picked:
-        try:
-            sample.append((paths[k], Path(paths[k]).stat().st_size))
-        except OSError:
-            continue
-    return tuple(sample)
+    sizes = [(paths[k], file_size(paths[k])) for k in picked]
+    return tuple((path, size) for path, size in sizes if size is not None)
 
 
 def shipped_model(session: Session, model_path: str) -> ShippedModel | None:

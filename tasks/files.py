@@ -26,6 +26,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_size(path: str | Path) -> int | None:
+    """``path``'s size in bytes; None where it is absent or cannot be looked at."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 def temporary_beside(path: str | Path) -> Path:
     """A name in ``path``'s folder that no other writer picks (hidden, ending in .tmp)."""
     path = Path(path)

@@ -61,8 +61,11 @@ class SimBackend:
         n = len(x)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"SimBackend.run got {n} crops; it takes 1..{self.batch_size}")
+        if n > len(self._zeros):  # the batch size grew (a sweep's next run)
+            self._zeros = np.zeros((n, *self._zeros.shape[1:]), np.float32)
+            self._zeros.flags.writeable = False
         seconds = n * (2 if self.variant.fused_flip else 1) / self.rate
-        heatmaps = self._zeros[:n] if n <= len(self._zeros) else np.zeros((n, *self._zeros.shape[1:]), np.float32)
+        heatmaps = self._zeros[:n]
         wait = sleep_holding_gil if self.gil == "hold" else time.sleep
         # Sleep to a deadline: the call lasts its compute time whatever the host spent in it.
         while (left := start + seconds - time.perf_counter()) > 0:
