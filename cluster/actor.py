@@ -5,29 +5,31 @@ and makes the backend calls of ``tasks.pipeline`` back to back. The host work ru
 in its ``cluster.host_work.HostPool`` processes, not its own (aclruntime keeps the
 GIL while the device computes): ``prepare_into`` reads, crops and writes a batch's
 network inputs into a shared slot, the device thread runs them and writes the
-outputs beside them, ``decode_from`` merges and decodes them there. The worker
-holds no numerics of its own and returns keypoints keyed by box id, never heatmaps
-unless asked to dump them on its own side.
+outputs beside them, ``decode_from`` merges and decodes them there. The device
+thread also starts each of these steps, between two device calls, so nothing else
+in the worker's process runs while a shard is in flight (``run_shard`` only waits).
+The worker holds no numerics of its own and returns keypoints keyed by box id,
+never heatmaps unless asked to dump them on its own side.
 """
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from cluster.host_work import ArraySpec, HostPool, HostState, slot_room
+from cluster.host_work import ArraySpec, HostPool, HostProcess, HostState, SlotWriter, slot_room
 from cluster.staging import ShippedModel, local_model
-from cluster.worker import DeviceWorker, WorkerPlace
+from cluster.worker import DeviceWorker, ShardDropped, WorkerPlace
 from tasks.backends import open_backend
 from tasks.dataset import Box, ImageError, decode_rgb, read_rgb
 from tasks.decode import decode_keypoints
 from tasks.files import atomic_file, file_size
 from tasks.opencv_check import check_opencv
-from tasks.pipeline import merge_heatmaps, network_inputs, prepare_batch, run_network, warm_up
+from tasks.pipeline import merge_heatmaps, network_inputs, output_shape, prepare_batch, run_network, warm_up
 from tasks.variant import Variant, bytes_per_box
 
 
@@ -82,7 +84,8 @@ class ShardResult:
 
 #: The host stages a shard times (seconds summed over its batches), by where they run.
 #: Host processes: read_decode, crop, input (before the device), flip_merge, decode_keypoints
-#: (after). The worker's process: slot_wait (the shard's thread), prep_wait (the device thread).
+#: (after). The worker's device thread: slot_wait (a batch next in line for a slot while none is
+#: free), prep_wait (the device thread idle, a shard in flight, before the batch's calls).
 #: What each counts: cluster.reducer.LABELS.
 PREP_STAGES = ("read_decode", "crop", "input")
 POST_STAGES = ("flip_merge", "decode_keypoints")
@@ -149,22 +152,34 @@ def decode_from(state: HostState, outputs: list[ArraySpec], crop_boxes: np.ndarr
                         {"flip_merge": t1 - t0, "decode_keypoints": t2 - t1})
 
 
-# ---------------------------------------------------------------- in the worker's process
+# ---------------------------------------------------------------- on the worker's device thread
 
 
 @dataclass
 class RanBatch:
-    """What the device thread did with one batch, and the host work it handed on."""
+    """What the device thread did with one batch."""
 
     prepared: PreparedInputs
-    prep_wait: float  # the device thread waited this long for the inputs
-    post: Future | None = None  # -> Future -> DecodedBatch (cluster.actor.Worker._hand_over); None: no usable box
+    prep_wait: float  # the device thread sat idle this long before the batch (cluster.worker.DeviceWorker)
     calls: list[float] = field(default_factory=list)  # device seconds of each call
     starts: list[float] = field(default_factory=list)  # unix time each call began
     busy: float = 0.0  # seconds holding the device
     crops: int = 0
     bytes_to_device: int = 0
     bytes_from_device: int = 0
+
+
+@dataclass
+class _ShardRun:
+    """A shard on the device thread: its batches, and each one's (RanBatch, DecodedBatch | None) when back."""
+
+    shard: Shard
+    done: Future  # -> (ShardResult, merged heatmaps to dump)
+    host: HostProcess  # every batch of the shard prepared in one process: its image cache
+    back: list
+    left: int
+    result: ShardResult
+    stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(HOST_STAGES, 0.0))
 
 
 def pose_slot_bytes(variant: Variant, flip: bool, boxes: int) -> int:
@@ -176,25 +191,27 @@ def pose_slot_bytes(variant: Variant, flip: bool, boxes: int) -> int:
 
 
 class Worker(DeviceWorker):
+    """A shard's batches each take a slot, are prepared in a host process, run on the device thread and
+    decoded in a host process; the device thread starts each step between two device calls."""
+
     def __init__(self, config: WorkerConfig) -> None:
         # Before the session opens: a crop by another warp would move every keypoint.
         self.opencv_mismatch = check_opencv(config.allow_opencv_mismatch)
         super().__init__(config)
         try:
             boxes = max(config.slot_boxes, config.batch_size)
-            self._host = HostPool(config.host_processes, pose_slot_bytes(config.variant, config.flip, boxes),
-                                  config.place.opencv_threads)
+            self.host = HostPool(config.host_processes, pose_slot_bytes(config.variant, config.flip, boxes),
+                                 config.place.opencv_threads)
         except BaseException:
             super().close()
             raise
-        self._slots = self._host.slots
-        self._handover = ThreadPoolExecutor(1, thread_name_prefix="handover")
+        self._slots = self.host.slots
 
     def describe(self) -> dict:
         import cv2
 
         return {**super().describe(), "opencv": cv2.__version__, "opencv_warp_mismatch": self.opencv_mismatch,
-                "host_processes": [p.pid for p in self._host.processes], "model_source": self.model_source,
+                "host_processes": [p.pid for p in self.host.processes], "model_source": self.model_source,
                 "model_opened": self.model_opened, "data_missing": first_missing(self.config.data_sample)}
 
     def open_session(self, config: WorkerConfig):
@@ -232,99 +249,95 @@ class Worker(DeviceWorker):
             warm_up(self.session, new.flip)
         self.config = new
 
-    def _device_step(self, slot: int, prep: Future) -> RanBatch:
-        """On the device thread: the batch's backend calls on its inputs in ``slot``, outputs written beside them.
+    def run_shard(self, shard: Shard) -> ShardResult:
+        done: Future = Future()
+        self.on_device(partial(self._begin, shard, done))
+        result, dumps = done.result()
+        if self.config.dump_dir and dumps:
+            _save_npz(Path(self.config.dump_dir) / f"shard-{shard.id:06d}.npz",
+                      box_ids=result.box_ids, heatmaps=np.concatenate(dumps))
+        return result
 
-        Owns ``slot`` until it hands the outputs to a host process, whose end frees it.
-        """
+    def _begin(self, shard: Shard, done: Future) -> None:
+        """On the device thread: the shard's batches queue for slots."""
+        bs = self.config.batch_size
+        result = ShardResult(shard.id, self.config.place.label, np.zeros(0, np.int64),
+                             np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=time.time())
+        starts = range(0, len(shard.boxes), bs)
+        run = _ShardRun(shard, done, self.host.least_busy(), [None] * len(starts), len(starts), result)
+        self.begin(done)
+        if not starts:
+            self.end(done, (result, []))
+        for k, i in enumerate(starts):
+            self._slots.when_free(partial(self._prepare, run, k, shard.boxes[i:i + bs]))
+
+    def _prepare(self, run: _ShardRun, k: int, boxes: list[Box], slot: int, waited: float) -> None:
+        """On the device thread, with a free ``slot``: have the shard's host process prepare batch ``k`` there."""
+        run.stages["slot_wait"] += waited
+        ids, shipped = {b.image_id for b in boxes}, run.shard.image_bytes
+        data = {i: shipped[i] for i in ids if i in shipped} if shipped else None
+        self.prepare_in(run.done, slot, lambda: run.host.submit(
+            prepare_into, slot, boxes, {i: run.shard.image_paths[i] for i in ids}, self.config.variant,
+            self.config.flip, data), partial(self._device_step, run, k, slot))
+
+    def _device_step(self, run: _ShardRun, k: int, slot: int, prep: Future) -> None:
+        """On the device thread: batch ``k``'s backend calls on its inputs in ``slot``, the outputs written
+        beside them for a host process to decode; the slot is freed when that is done."""
         try:
-            t0 = time.perf_counter()
+            if run.done.done():
+                raise ShardDropped
             prepared: PreparedInputs = prep.result()
-            ran = RanBatch(prepared, time.perf_counter() - t0)
-            if not prepared.inputs:
+            ran = RanBatch(prepared, self.take_idle())
+            if not prepared.inputs:  # no usable box
                 self._slots.release(slot)
-                return ran
+                self._batch_back(run, k, ran, None)
+                return
             if self.session is None:
                 raise RuntimeError(f"{self.config.place.label}: no open session: the last set_batch failed to "
                                    "open its model")
-            outputs = self._calls(ran, self._slots.views(prepared.inputs))
-            ran.post = self._handover.submit(self._hand_over, slot, outputs, prepared)
-        except BaseException:
+            specs = self._calls(ran, self._slots.views(prepared.inputs), self._slots.writer(slot, prepared.inputs))
+            post = self.host.least_busy().submit(decode_from, specs, prepared.crop_boxes, bool(self.config.dump_dir))
+        except BaseException as e:
             self._slots.release(slot)
-            raise
-        return ran
+            self.fail(run.done, e)
+            return
+        post.add_done_callback(self.then(run.done, partial(self._decoded, run, k, slot, ran)))
 
-    def _hand_over(self, slot: int, outputs: list[np.ndarray], prepared: PreparedInputs) -> Future:
-        """On the hand-over thread: the outputs into ``slot``, then a host process decodes them; its future.
+    def _decoded(self, run: _ShardRun, k: int, slot: int, ran: RanBatch, post: Future) -> None:
+        """On the device thread: batch ``k`` is decoded; its slot goes to the next batch waiting."""
+        self._slots.release(slot)
+        self._batch_back(run, k, ran, post.result())
 
-        numpy copies without the GIL, so this copy runs beside the device thread's next
-        call even where that call keeps the GIL (docs/throughput.md#the-gil).
-        """
-        try:
-            specs = self._slots.put(slot, outputs, after=prepared.inputs)
-            post = self._host.least_busy().submit(decode_from, specs, prepared.crop_boxes, bool(self.config.dump_dir))
-        except BaseException:
-            self._slots.release(slot)
-            raise
-        post.add_done_callback(lambda _: self._slots.release(slot))
-        return post
+    def _batch_back(self, run: _ShardRun, k: int, ran: RanBatch, decoded: DecodedBatch | None) -> None:
+        run.back[k] = (ran, decoded)
+        run.left -= 1
+        if run.left == 0:
+            parts = _ShardParts()
+            for ran, decoded in run.back:
+                parts.add(run.result, ran, decoded, run.stages)
+            parts.finish(run.result, run.stages)
+            run.result.finished = time.time()
+            self.end(run.done, (run.result, parts.dumps))
 
-    def _calls(self, ran: RanBatch, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """One run_network per input array, so each call's own device seconds (and start) are kept."""
+    def _calls(self, ran: RanBatch, inputs: list[np.ndarray], writer: SlotWriter) -> list[ArraySpec]:
+        """One run_network per input array, its outputs written by the backend into the slot beside the inputs
+        (``writer``), so each call's own device seconds (and start) are kept; where the outputs lie."""
         t0 = time.perf_counter()
-        outputs = []
         for x in inputs:
             ran.starts.append(time.time())
-            ys, seconds = run_network(self.session, [x])
-            outputs += ys
+            _, seconds = run_network(self.session, [x], [writer.empty(output_shape(len(x)), np.float32)])
             ran.calls.append(seconds)
         ran.busy = time.perf_counter() - t0
         n = len(inputs[0])
         ran.crops = 2 * n if self.config.variant.fused_flip else n * len(inputs)
         ran.bytes_to_device = sum(x.nbytes for x in inputs)
-        ran.bytes_from_device = sum(y.nbytes for y in outputs)
-        return outputs
-
-    def _start_batch(self, host, boxes: list[Box], paths: dict[int, str], shipped: dict[int, bytes] | None,
-                     stages: dict[str, float]) -> Future:
-        """Take a slot, have ``host`` prepare the batch into it, queue its device step; that step's future."""
-        t0 = time.perf_counter()
-        slot = self._slots.acquire()
-        stages["slot_wait"] += time.perf_counter() - t0
-        try:
-            ids = {b.image_id for b in boxes}
-            data = {i: shipped[i] for i in ids if i in shipped} if shipped else None
-            prep = host.submit(prepare_into, slot, boxes, {i: paths[i] for i in ids}, self.config.variant,
-                               self.config.flip, data)
-            return self.on_device(partial(self._device_step, slot, prep))
-        except BaseException:
-            self._slots.release(slot)
-            raise
-
-    def run_shard(self, shard: Shard) -> ShardResult:
-        cfg = self.config
-        result = ShardResult(shard.id, cfg.place.label, np.zeros(0, np.int64), np.zeros((0, 17, 3), np.float32),
-                             np.zeros((0, 4), np.float32), started=time.time())
-        stages = dict.fromkeys(HOST_STAGES, 0.0)
-        host = self._host.least_busy()  # every batch of the shard in one process: its image cache
-        steps = [self._start_batch(host, shard.boxes[i:i + cfg.batch_size], shard.image_paths, shard.image_bytes,
-                                   stages) for i in range(0, len(shard.boxes), cfg.batch_size)]
-        parts = _ShardParts()
-        for step in steps:
-            ran: RanBatch = step.result()
-            parts.add(result, ran, ran.post.result().result() if ran.post is not None else None, stages)
-        parts.finish(result, stages)
-        if cfg.dump_dir and parts.dumps:
-            _save_npz(Path(cfg.dump_dir) / f"shard-{shard.id:06d}.npz",
-                      box_ids=result.box_ids, heatmaps=np.concatenate(parts.dumps))
-        result.finished = time.time()
-        return result
+        ran.bytes_from_device = sum(spec.nbytes for spec in writer.specs)
+        return writer.specs
 
     def close(self) -> None:
-        host = getattr(self, "_host", None)
-        super().close()  # the device thread first, then the hand-over: nothing reaches the host processes after
+        host = self.host
+        super().close()  # the device thread first: nothing reaches the host processes after
         if host is not None:
-            self._handover.shutdown(wait=True)
             host.close()
 
 

@@ -7,9 +7,10 @@ runs in its ``cluster.host_work.HostPool`` processes as the pose worker's does
 checks an image (``tasks.dataset.read_bgr``: a truncated or undecodable file is
 refused with its reason, passing read errors are retried) and writes its letterboxed
 input into a shared slot; the device thread runs the network on it and writes the
-head maps beside it; ``records_from`` decodes them there (``tasks.detector``). Two
-shards run at once, and each image is its own batch, so one image's letterbox and
-decode overlap another's network call.
+head maps beside it; ``records_from`` decodes them there (``tasks.detector``). The
+device thread starts each step between two network calls, as the pose worker's does;
+each image is its own batch, so one image's letterbox and decode overlap another's
+network call.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from functools import partial
 import numpy as np
 
 from cluster.host_work import ArraySpec, HostPool, HostState, slot_room
-from cluster.worker import DeviceWorker, WorkerPlace
+from cluster.worker import DeviceWorker, ShardDropped, WorkerPlace
 from tasks.dataset import ImageError, read_bgr
 from tasks.detector import YOLOV3_SPP, image_records, letterbox_bgr_to_rgb_input, open_detector
 from tasks.detector.darknet_cfg import Yolo
@@ -79,10 +80,14 @@ def records_from(state: HostState, raw: list[ArraySpec], heads: tuple[Yolo, ...]
 
 
 @dataclass
-class _Detected:
-    letterboxed: Letterboxed
-    records: Future | None = None  # -> list[dict]; None: unreadable
-    busy: float = 0.0
+class _ShardRun:
+    """A shard on the device thread: each image's (Letterboxed, busy seconds, records) when back."""
+
+    shard: ImageShard
+    done: Future  # -> DetectShardResult
+    back: list
+    left: int
+    started: float = field(default_factory=time.time)
 
 
 def _numpy(maps) -> list[np.ndarray]:
@@ -94,12 +99,12 @@ class DetectWorker(DeviceWorker):
     def __init__(self, config: DetectWorkerConfig) -> None:
         super().__init__(config)
         try:
-            self._host = HostPool(config.host_processes, self._slot_bytes, config.place.opencv_threads,
-                                  name="letterbox")
+            self.host = HostPool(config.host_processes, self._slot_bytes, config.place.opencv_threads,
+                                 name="letterbox")
         except BaseException:
             super().close()
             raise
-        self._slots = self._host.slots
+        self._slots = self.host.slots
 
     def open_session(self, config: DetectWorkerConfig):
         place = config.place
@@ -110,52 +115,72 @@ class DetectWorker(DeviceWorker):
         # the slots hold an input and the head maps it gives: the warm-up call says how large they are
         self._slot_bytes = slot_room([x.nbytes] + [m.nbytes for m in _numpy(detector.net_fn(x))])
 
-    def _device_step(self, slot: int, prep: Future, image_id: int) -> _Detected:
-        """On the device thread: the network on the letterboxed image in ``slot``; the maps go to a host process."""
+    def run_shard(self, shard: ImageShard) -> DetectShardResult:
+        done: Future = Future()
+        self.on_device(partial(self._begin, shard, done))
+        return done.result()
+
+    def _begin(self, shard: ImageShard, done: Future) -> None:
+        """On the device thread: the shard's images queue for slots."""
+        run = _ShardRun(shard, done, [None] * len(shard.images), len(shard.images))
+        self.begin(done)
+        for k, (path, _) in enumerate(shard.images):
+            self._slots.when_free(partial(self._letterbox, run, k, path))
+        if not shard.images:
+            self._image_back(run, -1, None)
+
+    def _letterbox(self, run: _ShardRun, k: int, path: str, slot: int, waited: float) -> None:
+        """On the device thread, with a free ``slot``: a host process letterboxes image ``k`` into it."""
+        self.prepare_in(run.done, slot, lambda: self.host.least_busy().submit(letterbox_into, slot, path),
+                        partial(self._device_step, run, k, slot))
+
+    def _device_step(self, run: _ShardRun, k: int, slot: int, prep: Future) -> None:
+        """On the device thread: the network on image ``k`` in ``slot``; its maps go to a host process."""
         try:
-            detected = _Detected(prep.result())
-            box = detected.letterboxed
+            if run.done.done():
+                raise ShardDropped
+            box: Letterboxed = prep.result()
             if box.input is None:
                 self._slots.release(slot)
-                return detected
+                self._image_back(run, k, (box, 0.0, None))
+                return
             t0 = time.perf_counter()
             raw = _numpy(self.session.net_fn(self._slots.view(box.input)))
-            detected.busy = time.perf_counter() - t0
+            busy = time.perf_counter() - t0
             specs = self._slots.put(slot, raw, after=[box.input])
-            detected.records = self._host.least_busy().submit(records_from, specs, self.session.heads, image_id,
-                                                              box.image_hw)
-        except BaseException:
+            records = self.host.least_busy().submit(records_from, specs, self.session.heads, run.shard.images[k][1],
+                                                    box.image_hw)
+        except BaseException as e:
             self._slots.release(slot)
-            raise
-        detected.records.add_done_callback(lambda _: self._slots.release(slot))
-        return detected
+            self.fail(run.done, e)
+            return
+        records.add_done_callback(self.then(run.done, partial(self._decoded, run, k, slot, box, busy)))
 
-    def _start_image(self, path: str, image_id: int) -> Future:
-        slot = self._slots.acquire()
-        try:
-            prep = self._host.least_busy().submit(letterbox_into, slot, path)
-            return self.on_device(partial(self._device_step, slot, prep, image_id))
-        except BaseException:
-            self._slots.release(slot)
-            raise
+    def _decoded(self, run: _ShardRun, k: int, slot: int, box: Letterboxed, busy: float, records: Future) -> None:
+        self._slots.release(slot)
+        self._image_back(run, k, (box, busy, records.result()))
 
-    def run_shard(self, shard: ImageShard) -> DetectShardResult:
-        result = DetectShardResult(shard.id, self.config.place.label, [], started=time.time())
-        steps = [(path, image_id, self._start_image(path, image_id)) for path, image_id in shard.images]
-        for path, image_id, step in steps:
-            result.images += 1
-            detected: _Detected = step.result()
-            if detected.records is None:
-                result.unreadable.append({"image_id": image_id, "file": path,
-                                          "reason": detected.letterboxed.unreadable})
+    def _image_back(self, run: _ShardRun, k: int, back: tuple | None) -> None:
+        """Image ``k`` is done (-1: an empty shard); the shard's result, in image order, once all are."""
+        if k >= 0:
+            run.back[k] = back
+            run.left -= 1
+        if run.left:
+            return
+        shard = run.shard
+        result = DetectShardResult(shard.id, self.config.place.label, [], images=len(shard.images))
+        for (path, image_id), (box, busy, records) in zip(shard.images, run.back):
+            if records is None:
+                result.unreadable.append({"image_id": image_id, "file": path, "reason": box.unreadable})
                 continue
-            result.busy_seconds += detected.busy
-            result.records += detected.records.result()
-        result.finished = time.time()
-        return result
+            result.busy_seconds += busy
+            result.records += records
+        result.started, result.finished = run.started, time.time()
+        self.end(run.done, result)
 
     def close(self) -> None:
-        host = getattr(self, "_host", None)
+        host = self.host
         super().close()
         if host is not None:
             host.close()
+

@@ -13,24 +13,30 @@ host process decodes them in place. Only box ids, crop boxes, keypoints and timi
 go through the pipes (docs/throughput.md#host-processes says why this design).
 
 A host process runs top-level functions ``fn(state, *args)``: ``state`` is its
-``HostState`` (the mapped slots, its image cache). A process that dies fails its
-pending work with ``HostProcessDied`` and refuses new work: the worker is broken.
+``HostState`` (the mapped slots, its image cache). Nothing here starts a thread: the
+worker's device thread sends the work, and between two device calls takes the
+answers (``HostPool.answers``) and hands out free slots (``BatchSlots.when_free``),
+so no other thread of its process asks for the GIL while a device call holds it.
+A process that dies fails its pending work with ``HostProcessDied`` and refuses new
+work: the worker is broken.
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
-import queue
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -65,7 +71,7 @@ class ArraySpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @property
     def end(self) -> int:
@@ -101,7 +107,7 @@ class SlotMemory:
         return SlotWriter(self, slot, after)
 
     def view(self, spec: ArraySpec) -> np.ndarray:
-        count = int(np.prod(spec.shape, dtype=np.int64))
+        count = math.prod(spec.shape)
         return np.frombuffer(self._map, spec.dtype, count, spec.offset).reshape(spec.shape)
 
     def views(self, specs: Sequence[ArraySpec]) -> list[np.ndarray]:
@@ -132,7 +138,8 @@ class BatchSlots(SlotMemory):
     """The device process's side: makes the file, hands out free slots, removes the file's name.
 
     The name is removed as soon as every host process has mapped it, so nothing is
-    left in ``/dev/shm`` however the worker ends.
+    left in ``/dev/shm`` however the worker ends. Slots are handed out and freed on
+    the device thread only.
     """
 
     def __init__(self, slots: int, slot_bytes: int) -> None:
@@ -143,16 +150,30 @@ class BatchSlots(SlotMemory):
         finally:
             os.close(fd)
         super().__init__(self.path, slots, slot_bytes)
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(slots):
-            self._free.put(i)
+        self._free = list(range(slots))
+        self._waiting: deque[tuple[Callable[[int, float], None], float]] = deque()
+        self._last_start = 0.0
 
-    def acquire(self) -> int:
-        """A free slot; waits for one (every slot in flight: the device or the host processes are behind)."""
-        return self._free.get()
+    def when_free(self, start: Callable[[int, float], None]) -> None:
+        """``start(slot, waited)`` now if a slot is free, else when one is (first come, first served).
+
+        ``waited``: the seconds this request was the next in line and no slot was free
+        (every slot in flight: the device or the host processes are behind); summed over
+        requests it never exceeds the wall time.
+        """
+        self._waiting.append((start, time.perf_counter()))
+        self._start_waiting()
 
     def release(self, slot: int) -> None:
-        self._free.put(slot)
+        self._free.append(slot)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self._free and self._waiting:
+            start, asked = self._waiting.popleft()
+            now = time.perf_counter()
+            waited, self._last_start = now - max(asked, self._last_start), now
+            start(self._free.pop(), waited)
 
     def unlink(self) -> None:
         Path(self.path).unlink(missing_ok=True)
@@ -195,7 +216,7 @@ class HostState:
 
 
 class HostProcess:
-    """One host process and the thread that reads its answers; ``submit`` returns a future.
+    """One host process; ``submit`` returns a future, resolved when ``take_answer`` reads its answer.
 
     A fresh interpreter (``python -c``), not a fork or multiprocessing's spawn: a Ray
     worker's threads do not survive a fork, and spawn would run the parent's
@@ -210,13 +231,11 @@ class HostProcess:
              str(slots.slots), str(slots.slot_bytes), str(opencv_threads)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         theirs.close()
-        self._conn = Connection(ours.detach())
-        self._lock = threading.Lock()  # a Connection is not thread-safe: one sender at a time
+        self.connection = Connection(ours.detach())
+        self._lock = threading.Lock()  # submit on the device thread, close on the actor's: one sender at a time
         self._pending: dict[int, Future] = {}
         self._next = 0
-        self._died: HostProcessDied | None = None
-        self.ready: Future = Future()
-        threading.Thread(target=self._read, name=f"{name}-answers", daemon=True).start()
+        self.died: HostProcessDied | None = None
 
     @property
     def pid(self) -> int:
@@ -226,33 +245,45 @@ class HostProcess:
     def pending(self) -> int:
         return len(self._pending)
 
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the process to say it has mapped the slots; its death or silence is raised."""
+        if not self.connection.poll(timeout):
+            raise TimeoutError(f"host process {self.name} (pid {self.pid}) did not start in {timeout:.0f} s")
+        try:
+            self.connection.recv()
+        except (EOFError, OSError):
+            self._fail_all()
+            raise self.died from None
+
     def submit(self, fn: Callable, *args) -> Future:
         """Run ``fn(state, *args)`` in the process; its result or error comes back through the future."""
         done: Future = Future()
         with self._lock:
-            if self._died is not None:
-                raise self._died
-            self._next += 1
-            try:
-                self._conn.send((self._next, fn, args))
-            except OSError:  # it died and its answer reader has not seen it yet
-                raise self._death() from None
-            self._pending[self._next] = done
-        return done
-
-    def _read(self) -> None:
-        while True:
-            try:
-                key, ok, value = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            if key == 0:
-                self.ready.set_result(value)
-                continue
-            with self._lock:
-                done = self._pending.pop(key)
-            done.set_result(value) if ok else done.set_exception(value)
+            if self.died is None:
+                self._next += 1
+                try:
+                    self.connection.send((self._next, fn, args))
+                    self._pending[self._next] = done
+                    return done
+                except OSError:  # it died and nobody has read its end yet
+                    pass
         self._fail_all()
+        raise self.died
+
+    def take_answer(self) -> None:
+        """Resolve the future of the next answer in the pipe; its callbacks run here.
+
+        Called when the pipe is readable; an end of file is the process's death: every
+        pending future fails with it.
+        """
+        try:
+            key, ok, value = self.connection.recv()
+        except (EOFError, OSError):
+            self._fail_all()
+            return
+        with self._lock:
+            done = self._pending.pop(key)
+        done.set_result(value) if ok else done.set_exception(value)
 
     def _death(self) -> HostProcessDied:
         try:
@@ -264,20 +295,19 @@ class HostProcess:
                                "this worker stops; its shards run on the others")
 
     def _fail_all(self) -> None:
-        died = self._death()
         with self._lock:
-            self._died = died
-            pending, self._pending = self._pending, {}
-        if not self.ready.done():
-            self.ready.set_exception(died)
-        for done in pending.values():
-            done.set_exception(died)
+            if self.died is None:
+                self.died = self._death()
+            pending, self._pending = list(self._pending.values()), {}
+        for done in pending:
+            done.set_exception(self.died)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop the process; work still pending fails (nobody would read its answers)."""
         with self._lock:
-            if self._died is None:
+            if self.died is None:
                 try:
-                    self._conn.send(None)
+                    self.connection.send(None)
                 except OSError:  # it has just died: waiting below is all there is to do
                     self.process.kill()
         try:
@@ -285,6 +315,8 @@ class HostProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._fail_all()
+        self.connection.close()
 
 
 #: A host process's first lines: the parent's import path, then ``main`` with the rest of argv.
@@ -297,11 +329,12 @@ class HostPool:
 
     def __init__(self, processes: int, slot_bytes: int, opencv_threads: int, name: str = "host") -> None:
         processes = max(1, processes)
+        self._poll, self._watched = select.poll(), set()
         self.slots = slots = BatchSlots(processes + SLOTS_PAST_PROCESSES, slot_bytes)
         self.processes = [HostProcess(f"{name}-{i}", slots, opencv_threads) for i in range(max(1, processes))]
         try:
             for p in self.processes:
-                p.ready.result(timeout=START_TIMEOUT_S)
+                p.wait_ready(START_TIMEOUT_S)
         except BaseException:
             self.close()
             raise
@@ -310,6 +343,24 @@ class HostPool:
 
     def least_busy(self) -> HostProcess:
         return min(self.processes, key=lambda p: p.pending)
+
+    def answers(self, timeout: float | None, also: Sequence[int] = ()) -> list[int]:
+        """Take an answer from each process that has one, after waiting up to ``timeout`` seconds (None: no
+        limit) for one, or for one of ``also`` (file descriptors) to be readable; those of ``also`` that are.
+
+        One ``select.poll`` serves every call (the device thread makes several a batch).
+        """
+        live = {p.connection.fileno(): p for p in self.processes if p.died is None}
+        watched = {*live, *also}
+        if watched != self._watched:
+            self._poll, self._watched = select.poll(), watched
+            for fd in watched:
+                self._poll.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000)]
+        for fd in ready:
+            if fd in live:
+                live[fd].take_answer()
+        return [fd for fd in ready if fd not in live]
 
     def close(self) -> None:
         for p in self.processes:
@@ -326,6 +377,8 @@ def serve(conn: Connection, parent: int, path: str, slots: int, slot_bytes: int,
     """A host process's loop: run each ``(key, fn, args)`` it is sent; answer ``(key, ok, value)``."""
     _die_with_parent(parent)
     reuse_freed_memory()
+    if hasattr(os, "SCHED_BATCH"):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle, not ours
     if opencv_threads:
         import cv2

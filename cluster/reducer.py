@@ -50,10 +50,10 @@ LABELS = {
                            "test), written into the batch's shared slot"),
     "host_seconds.flip_merge": "host processes: merging the two flip passes' heatmaps, read from the shared slot",
     "host_seconds.decode_keypoints": "host processes: heatmaps to keypoints in image pixels",
-    "host_seconds.slot_wait": ("shard threads: waiting for a free batch slot (every slot in flight: the device "
-                               "or the host processes are behind)"),
-    "host_seconds.prep_wait": ("device thread: waiting for the host processes to finish a batch's inputs (the "
-                               "device idles meanwhile)"),
+    "host_seconds.slot_wait": ("device thread: a batch next in line for a shared slot while none was free (every "
+                               "slot in flight: the device or the host processes are behind)"),
+    "host_seconds.prep_wait": ("device thread: idle with a shard in flight, before a batch's calls: waiting for "
+                               "the host processes to finish inputs (the device idles meanwhile)"),
     "host_dominant": "the host work stage (not a wait) with the most seconds: the one to give more cores",
 }
 

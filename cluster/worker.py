@@ -6,19 +6,28 @@ pinned to their device. Its device thread opens the session, warms it up, runs
 the work queued for it back to back, and closes it: ais_bench sessions are not
 thread-safe, and before 2024 their ACL context is current only on the thread that
 made them, so every call of a session comes from that one thread, whatever the
-backend. ``describe()`` says where the worker landed; ``close()`` frees the session
-and stops the thread.
+backend. It is also the only thread of the process that runs while a shard is in
+flight: between two pieces of work it takes the answers of the worker's host
+processes (``cluster.host_work``), whose callbacks queue the next, and when there
+is nothing to do it waits for either. aclruntime keeps the GIL for a whole device
+call, so any other thread would wake during the call and take the GIL from the
+device thread at its end (docs/throughput.md#the-gil). ``describe()`` says where
+the worker landed; ``close()`` frees the session and stops the thread.
 """
 from __future__ import annotations
 
 import os
 import queue
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from functools import partial
 
+from cluster.host_work import HostPool
 from tasks.errors import UserError
 
 #: The variable Ray sets to pin an actor to its accelerator, by slot kind (docs/ascend.md#ray-pinning).
@@ -36,6 +45,10 @@ class WorkerPlace:
     threads: int  # the backend's CPU threads
     opencv_threads: int = 0  # OpenCV's pool in this process (cluster.placement.opencv_threads); 0: its default
     chip: int | None = None  # the NPU's logical id that compute_device opens (pin_npu); None: no NPU opened
+
+
+class ShardDropped(Exception):
+    """Work of a shard that has failed already: not done (``DeviceWorker.fail`` has the shard's error)."""
 
 
 class PinningError(UserError, RuntimeError):
@@ -57,13 +70,23 @@ class DeviceWorker:
 
             cv2.setNumThreads(config.place.opencv_threads)
         self.session = None  # the device thread's: it opens, runs and closes it
+        self.host: HostPool | None = None  # the subclass's host processes, whose answers the device thread takes
+        self.idle_seconds = 0.0  # the device thread's waits for work or answers, summed; take_idle zeroes it
+        self._shards: set[Future] = set()  # the shards in flight, by their futures (begin, end, fail)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (work, future), then None to stop
+        self._bell, self._ring = os.pipe()  # a byte written on queueing wakes the device thread's wait
+        os.set_blocking(self._bell, False)
+        os.set_blocking(self._ring, False)
         self._lock = threading.Lock()
         self._closing = False
         opened: Future = Future()
         self._device_thread = threading.Thread(target=self._device_loop, args=(opened,), name="device", daemon=True)
         self._device_thread.start()
-        opened.result()  # an open error is raised here, so the actor fails to start with its line
+        try:
+            opened.result()  # an open error is raised here, so the actor fails to start with its line
+        except BaseException:
+            os.close(self._ring)
+            raise
 
     # ------------------------------------------------------------ what a subclass says
 
@@ -86,8 +109,70 @@ class DeviceWorker:
             if self._closing:
                 raise RuntimeError(f"worker {self.config.place.label} is closed")
             done: Future = Future()
-            self._queue.put((work, done))
+            self._queue_locked((work, done))
         return done
+
+    def _queue_locked(self, *items) -> None:
+        """Queue ``items`` and wake the device thread; under ``self._lock`` (close() closes the pipe after)."""
+        for item in items:
+            self._queue.put(item)
+        if threading.get_ident() == self._device_thread.ident:  # queued by its own callbacks: it is awake
+            return
+        try:
+            os.write(self._ring, b"w")
+        except BlockingIOError:  # the pipe is full of earlier rings: the device thread wakes anyway
+            pass
+
+    # ------------------------------------------------------------ shards in flight, on the device thread
+
+    def begin(self, done: Future) -> None:
+        """A shard starts; ``done`` resolves through ``end`` or ``fail``. The first of a spell zeroes the idle time
+        (the wait for it is not the device waiting for the host)."""
+        if not self._shards:
+            self.idle_seconds = 0.0
+        self._shards.add(done)
+
+    def end(self, done: Future, value) -> None:
+        self._shards.discard(done)
+        if not done.done():
+            done.set_result(value)
+
+    def fail(self, done: Future, error: BaseException) -> None:
+        """The shard fails with ``error`` (the first error wins; the rest of its work is dropped)."""
+        self._shards.discard(done)
+        if not done.done():
+            done.set_exception(error)
+
+    def then(self, done: Future, work: Callable[[Future], None]) -> Callable[[Future], None]:
+        """A done-callback for host work of the shard ``done``: ``work(future)``, where the future resolves
+        (the device thread, which takes the answers); whatever it raises fails the shard (a callback's own
+        error would only be logged)."""
+        def callback(future: Future) -> None:
+            try:
+                work(future)
+            except BaseException as e:
+                self.fail(done, e)
+        return callback
+
+    def prepare_in(self, done: Future, slot: int, submit: Callable[[], Future],
+                   step: Callable[[Future], None]) -> None:
+        """Host work into ``slot`` for the shard ``done`` (``submit()`` sends it to a host process), then
+        ``step(its future)`` queued on the device thread: the device's calls wait their turn. A failure
+        frees the slot and fails the shard."""
+        try:
+            if done.done():  # the shard failed: the rest of its work need not run
+                raise ShardDropped
+            future = submit()
+        except BaseException as e:
+            self.host.slots.release(slot)
+            self.fail(done, e)
+            return
+        future.add_done_callback(self.then(done, lambda f: self.on_device(partial(step, f))))
+
+    def take_idle(self) -> float:
+        """The device thread's idle seconds since the last call of this; zeroed."""
+        idle, self.idle_seconds = self.idle_seconds, 0.0
+        return idle
 
     def reopen(self, config) -> None:
         """On the device thread: the session for ``config`` instead of the current one.
@@ -117,15 +202,40 @@ class DeviceWorker:
         try:
             self.session = self._open_warm(self.config)
         except BaseException as e:
+            os.close(self._bell)
             opened.set_exception(e)
             return
         opened.set_result(None)
-        while (item := self._queue.get()) is not None:
+        while (item := self._next_work()) is not None:
             work, done = item
             try:
                 done.set_result(work())
             except BaseException as e:  # raised again in the thread that queued it
                 done.set_exception(e)
+        os.close(self._bell)
+
+    def _next_work(self):
+        """The next queued work, taking the host processes' answers first (their callbacks queue work).
+
+        Waits, without a time limit, for work or an answer when there is neither.
+        """
+        while True:
+            if self.host is not None:
+                self.host.answers(0)
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            t0 = time.perf_counter()
+            if self.host is not None:
+                self.host.answers(None, also=[self._bell])
+            else:
+                select.select([self._bell], [], [])
+            self.idle_seconds += time.perf_counter() - t0
+            try:
+                os.read(self._bell, 4096)
+            except BlockingIOError:  # woken by an answer, not a ring
+                pass
 
     # ------------------------------------------------------------ the actor's methods
 
@@ -139,9 +249,11 @@ class DeviceWorker:
                 return
             self._closing = True
             closed: Future = Future()
-            self._queue.put((self._close_current, closed))
-            self._queue.put(None)
+            self._queue_locked((self._close_current, closed), None)
         self._device_thread.join()
+        os.close(self._ring)
+        for done in list(self._shards):  # nothing will finish them now
+            self.fail(done, RuntimeError(f"worker {self.config.place.label} closed while a shard ran"))
         closed.result()
 
 

@@ -40,7 +40,7 @@ from runner.plan import settle
 from tasks.files import atomic_write_text
 from tasks.backends import open_backend
 from tasks.decode import decode_keypoints
-from tasks.pipeline import merge_heatmaps, network_inputs, prepare_batch, run_network, warm_up
+from tasks.pipeline import merge_heatmaps, network_inputs, output_shape, prepare_batch, run_network, warm_up
 from tasks.dataset import read_rgb
 from tasks.spec import FASTPOSE
 from tasks.variant import Variant
@@ -107,11 +107,13 @@ def bare_throughput(cfg: RunConfig) -> dict:
     sizes = [min(bs, len(boxes) - i) for i in range(0, len(boxes), bs)]  # the run's batches
     batches = [[x[:n] for x in distinct[k % len(distinct)]] for k, n in enumerate(sizes)]
     crops = sum(len(inputs[0]) * (2 if backend.variant.fused_flip else len(inputs)) for inputs in batches)
+    # the outputs written into memory of the caller's, as a worker has the backend write them into its slot
+    outs = [np.empty(output_shape(bs), np.float32) for _ in batches[0]]
     try:
         warm_up(backend, plan.flip)  # as every worker does before its first shard
         t0 = time.perf_counter()
         for inputs in batches:
-            run_network(backend, inputs)
+            run_network(backend, inputs, [o[:len(inputs[0])] for o in outs])
         seconds = time.perf_counter() - t0
     finally:
         backend.close()

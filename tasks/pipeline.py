@@ -77,14 +77,21 @@ class InferredBatch:
     bytes_from_device: int  # the heatmaps it returned
 
 
-def run_network(backend: Backend, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
-    """The device part: one backend call per input array; their outputs and device seconds."""
+def run_network(backend: Backend, inputs: list[np.ndarray],
+                outs: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], float]:
+    """The device part: one backend call per input array; their outputs (written into ``outs`` where
+    given) and device seconds."""
     outputs, seconds = [], 0.0
-    for x in inputs:
-        y, s = backend.run(x)
+    for k, x in enumerate(inputs):
+        y, s = backend.run(x, None if outs is None else outs[k])
         outputs.append(y)
         seconds += s
     return outputs, seconds
+
+
+def output_shape(n: int) -> tuple[int, ...]:
+    """What one backend call on ``n`` crops returns: float32 heatmaps."""
+    return (n, FASTPOSE.num_joints, *FASTPOSE.heatmap_hw)
 
 
 def warm_up(backend: Backend, flip: bool = True) -> None:

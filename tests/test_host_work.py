@@ -84,7 +84,13 @@ def test_slots_hold_arrays_in_place_and_refuse_what_does_not_fit():
         assert spec_a.offset >= slots.slot_bytes and writer.specs[0].offset % 64 == 0
         with pytest.raises(ValueError, match="slot 0 holds"):
             slots.put(0, [np.zeros(1000, np.float32)])
-        assert {slots.acquire(), slots.acquire()} == {0, 1}
+        got = []
+        slots.when_free(lambda slot, waited: got.append(slot))
+        slots.when_free(lambda slot, waited: got.append(slot))
+        slots.when_free(lambda slot, waited: got.append(slot))  # none free: it waits for a release
+        assert sorted(got) == [0, 1]
+        slots.release(got[0])
+        assert got[2] == got[0]
     finally:
         slots.unlink()
     assert not os.path.exists(slots.path)
@@ -108,6 +114,19 @@ def test_a_worker_keeps_no_slot_file_and_runs_its_host_work_in_other_processes(s
     assert sorted(result.box_ids) == sorted(b.id for b in box_set.boxes[:10])
     assert result.calls == 6 and result.crops == 20  # 3 batches (4, 4, 2), two passes each
     assert result.host_seconds["read_decode"] > 0 and result.host_seconds["decode_keypoints"] > 0
+
+
+def test_the_device_thread_is_the_only_thread_the_worker_adds():
+    """Nothing else in the worker's process asks for the GIL while a device call holds it: the host
+    processes' answers, the slots and the next batches are all the device thread's."""
+    before = set(threading.enumerate())
+    place = WorkerPlace(backend="sim", compute_device="cpu", label="sim:0", kind="cpu", threads=1)
+    worker = Worker(WorkerConfig(place=place, model_path="", batch_size=4, host_processes=2, sim_rate=400.0))
+    try:
+        assert [t.name for t in set(threading.enumerate()) - before] == ["device"]
+    finally:
+        worker.close()
+    assert set(threading.enumerate()) <= before
 
 
 def test_a_host_process_that_dies_is_a_worker_fault_with_one_line_not_a_hang(sim_worker, synthetic_coco):

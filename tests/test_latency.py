@@ -84,10 +84,10 @@ def test_call_ms_percentiles_are_numpys_linear_ones():
 
 
 def test_host_stages_fit_where_they_run(sim_run):
-    """Prep and post stages run in the PREP host processes only, slot waits on the
-    IN_FLIGHT_PER_WORKER threads running run_shard, prep waits on the one device thread;
-    every timed interval lies inside some shard's [started, finished], so each process or
-    thread logs at most the device's wall time."""
+    """Prep and post stages run in the PREP host processes only; slot waits (one batch is next in
+    line for a slot at a time) and prep waits on the one device thread; every timed interval lies
+    inside some shard's [started, finished], so each process or thread logs at most the device's
+    wall time."""
     results, tp = sim_run
     row = tp["devices"][0]
     stages = row["host_seconds"]
@@ -95,7 +95,7 @@ def test_host_stages_fit_where_they_run(sim_run):
     assert all(f"host_seconds.{s}" in LABELS for s in HOST_STAGES)
     wall = row["wall_seconds"]
     assert sum(stages[s] for s in PREP_STAGES + POST_STAGES) <= wall * PREP
-    assert stages["slot_wait"] <= wall * IN_FLIGHT_PER_WORKER
+    assert stages["slot_wait"] <= wall * 1.01
     # the device thread either waits for inputs or runs the calls (busy), one at a time
     assert stages["prep_wait"] + row["busy_seconds"] <= wall * 1.01
     assert all(stages[s] > 0 for s in ("read_decode", "crop", "input", "flip_merge", "decode_keypoints"))

@@ -104,6 +104,23 @@ def test_static_om_pads_the_short_batch_and_drops_the_padding(api, oms, tiny_onn
     backend.close()
 
 
+@pytest.mark.parametrize("om", ["static", "dynamic"])
+def test_heatmaps_written_into_the_callers_memory_are_the_same_and_outlive_the_next_call(api, oms, tiny_onnx, om):
+    """``run(x, out)``: where the build hands out its tensors, the one copy to the host lands in ``out``
+    (a worker's shared slot); without ``out`` the heatmaps are the caller's own, not the session's buffer."""
+    backend = OmBackend(str(oms[om]), "npu:0", B, 1)
+    assert backend._tensors == (api != "old")  # the 2023 mirror's infer has no out_array
+    x, other = crops(B - 1, seed=1), crops(B - 1, seed=2)
+    out = np.full((B - 1, 17, 64, 48), np.nan, np.float32)
+    got, _ = backend.run(x, out)
+    assert got is out
+    kept, _ = backend.run(x)
+    backend.run(other, np.empty_like(out))  # the session's buffers hold another batch now
+    np.testing.assert_allclose(out, reference(tiny_onnx, x), rtol=0, atol=1e-6)
+    assert np.array_equal(kept, out)
+    backend.close()
+
+
 def test_more_crops_than_the_batch_is_a_caller_bug(api, oms):
     backend = OmBackend(str(oms["static"]), "npu:0", B, 1)
     with pytest.raises(ValueError, match=f"got {B + 1} crops; it takes 1..{B}"):

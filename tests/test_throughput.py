@@ -212,7 +212,7 @@ class _Recorder:
     def __init__(self, batch_size: int, variant: Variant) -> None:
         self.batch_size, self.variant, self.seen = batch_size, variant, []
 
-    def run(self, x):
+    def run(self, x, out=None):
         self.seen.append((x.shape, x.dtype, float(x.min()), float(x.max())))
         return np.zeros((len(x), 17, 64, 48), np.float32), 0.0
 

@@ -22,12 +22,14 @@ class Backend(Protocol):
     #: heatmaps; with ``uint8_input`` it takes the uint8 crops (tasks.deploy).
     variant: Variant
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def run(self, x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """``x``: float32 ``[n, 3, 256, 192]`` (uint8 ``[n, 256, 192, 3]`` with
         ``variant.uint8_input``) with ``n <= batch_size``.
 
         Returns float32 heatmaps ``[n, 17, 64, 48]`` (padding rows already dropped;
         flip-merged with ``variant.fused_flip``) and the device seconds spent on them.
+        With ``out`` (float32 ``[n, 17, 64, 48]``, e.g. in a shared slot) the heatmaps
+        are written there, by the copy that brings them to the host, and ``out`` is returned.
         """
         ...
 
@@ -41,3 +43,11 @@ class BackendUnavailable(UserError, RuntimeError):
 
     The message is one line that says what to install or set up.
     """
+
+
+def deliver(heatmaps: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``heatmaps`` as float32, written into ``out`` where given (the caller's memory)."""
+    if out is None:
+        return np.asarray(heatmaps, dtype=np.float32)
+    np.copyto(out, heatmaps)
+    return out

@@ -8,7 +8,10 @@ batch the same way: a run then measures, and computes, what the static OM of its
 batch size does. Setting ``batch_size`` selects the gear again (a sweep's next run).
 The gears come from the ``.json`` that ``tasks.atc.convert_to_om`` writes beside it.
 Device seconds are the model executions ais_bench timed (``exec_time_list``), copies
-excluded.
+excluded. The outputs come to the host by one copy, into the caller's ``out`` (a
+worker's shared slot) where given: ``infer(..., out_array=False)`` hands out the
+session's tensors where the build's ``infer`` takes that parameter, so ``infer``'s own
+copy is not made as well.
 
 Every ais_bench build in use works here, and nothing is inferred from a build's
 date or from a parameter's name: what the session has decides (docs/ascend.md#ais_bench-sessions).
@@ -24,13 +27,14 @@ thread that made it, so the caller must open, run and close a backend on one thr
 """
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from tasks.backends.base import BackendUnavailable
+from tasks.backends.base import BackendUnavailable, deliver
 from tasks.backends.sessions import OmModelError, om_session, output_file
 from tasks.spec import FASTPOSE
 from tasks.variant import Variant
@@ -58,6 +62,8 @@ class OmBackend:
             # (and its model on the device) alive after close().
             self._summary_name, self._reset_name = summary_methods(self.session)
             self._select_gear = self.gears is not None and not dymbatch_mode(self.session)
+            # ait from 2023-05 and ais_bench 2024 hand out the output tensors on request; the 2023 mirror cannot
+            self._tensors = "out_array" in inspect.signature(self.session.infer).parameters
         except BackendUnavailable:
             self.close()
             raise
@@ -109,7 +115,7 @@ class OmBackend:
             self.gear = fits[0]
         self._batch_size = value
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def run(self, x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         n = len(x)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"OmBackend.run got {n} crops; it takes 1..{self.batch_size}: split before calling")
@@ -125,16 +131,27 @@ class OmBackend:
             # aclruntime raises a bare code; the reason it printed went to this process's stdout.
             where = output_file() or "this worker's stdout"
             raise RuntimeError(f"{e} (aclruntime's [ERROR] lines: {where})") from e
-        heatmaps = np.asarray(outputs[0], dtype=np.float32).reshape(rows, *OUTPUT_CHW)[:n]
-        return heatmaps, self._take_exec_ms() / 1000
+        heatmaps = outputs[0].reshape(rows, *OUTPUT_CHW)[:n]
+        if out is None and self._tensors:  # the session's buffer: ours to keep only as a copy
+            heatmaps = np.array(heatmaps, dtype=np.float32)
+        return deliver(heatmaps, out), self._take_exec_ms() / 1000
 
-    def _infer(self, feed: np.ndarray, rows: int) -> list:
+    def _infer(self, feed: np.ndarray, rows: int) -> list[np.ndarray]:
+        """The outputs in host memory: the session's own buffers where ``infer`` can hand out its tensors
+        (``out_array=False``: ``run`` then copies once, into ``out``), else ``infer``'s arrays."""
+        tensors = {"out_array": False} if self._tensors else {}
         if self.gears is None:
-            return self.session.infer([feed], "static")
-        if self._select_gear:
+            outputs = self.session.infer([feed], "static", **tensors)
+        elif self._select_gear:
             self.session.set_dynamic_batchsize(rows)
-            return self.session.infer([feed], "static")
-        return self.session.infer([feed], "dymbatch")
+            outputs = self.session.infer([feed], "static", **tensors)
+        else:
+            outputs = self.session.infer([feed], "dymbatch", **tensors)
+        if not self._tensors:
+            return [np.asarray(o) for o in outputs]
+        for t in outputs:
+            t.to_host()
+        return [np.asarray(t) for t in outputs]
 
     def _take_exec_ms(self) -> float:
         """The executions timed since the last call, in ms; then ais_bench's list is cleared.

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from tasks.backends.base import BackendUnavailable
+from tasks.backends.base import BackendUnavailable, deliver
 from tasks.backends.onnxrt import check_input
 from tasks.variant import Variant
 
@@ -39,11 +39,12 @@ class OpenVinoBackend:
         self.batch_size = batch_size
         self.variant = variant
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def run(self, x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         self.request.infer({0: x})
-        y = self.request.get_output_tensor(0).data.copy()  # the request reuses its buffer
-        return y, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        data = self.request.get_output_tensor(0).data
+        return deliver(data.copy() if out is None else data, out), seconds  # the request reuses its buffer
 
     def close(self) -> None:
         self.request = self.compiled = None

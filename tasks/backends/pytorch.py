@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from tasks.backends.base import BackendUnavailable
+from tasks.backends.base import BackendUnavailable, deliver
 from tasks.deploy import deployed_module
 from tasks.variant import Variant
 
@@ -32,7 +32,7 @@ class TorchBackend:
         self.variant = variant
         self.model = deployed_module(build_fastpose(model_path), variant).to(self.device)
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def run(self, x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         torch = self._torch
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -40,7 +40,7 @@ class TorchBackend:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
-            return y.cpu().numpy(), seconds
+            return deliver(y.cpu().numpy(), out), seconds
 
     def close(self) -> None:
         self.model = None
