@@ -51,25 +51,19 @@ class SimBackend:
         self.batch_size = batch_size
         self.variant = variant
         self.gil = gil
-        # one read-only block of zeros, handed out as views: what the caller copies is the heatmaps a device
-        # would return, without a fresh allocation's page faults per call standing in for host work
-        self._zeros = np.zeros((batch_size, FASTPOSE.num_joints, *FASTPOSE.heatmap_hw), np.float32)
-        self._zeros.flags.writeable = False
 
     def run(self, x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
         n = len(x)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"SimBackend.run got {n} crops; it takes 1..{self.batch_size}")
-        if n > len(self._zeros):  # the batch size grew (a sweep's next run)
-            self._zeros = np.zeros((n, *self._zeros.shape[1:]), np.float32)
-            self._zeros.flags.writeable = False
         seconds = n * (2 if self.variant.fused_flip else 1) / self.rate
+        # within the call's time, as a device's copy to the host lies within its latency
         if out is None:
-            heatmaps = self._zeros[:n]
-        else:  # within the call's time, as a device's copy to the host lies within its latency; zeros need no source
-            out.fill(0.0)
+            heatmaps = np.zeros((n, FASTPOSE.num_joints, *FASTPOSE.heatmap_hw), np.float32)
+        else:
             heatmaps = out
+            heatmaps.fill(0.0)
         wait = sleep_holding_gil if self.gil == "hold" else time.sleep
         # Sleep to a deadline: the call lasts its compute time whatever the host spent in it.
         while (left := start + seconds - time.perf_counter()) > 0:
