@@ -3,8 +3,9 @@
 ``Worker`` is a ``cluster.worker.DeviceWorker``: its device thread owns the session
 and makes the backend calls of ``tasks.pipeline`` back to back. The host work runs
 in its ``cluster.host_work.HostPool`` processes, not its own (aclruntime keeps the
-GIL while the device computes): ``prepare_into`` reads, crops and writes a batch's
-network inputs into a shared slot, the device thread runs them and writes the
+GIL while the device computes): ``prepare_into`` reads, crops and writes a chunk's
+network inputs (``chunk_boxes``: one or more device batches) into a shared slot,
+the device thread runs them batch by batch and writes the
 outputs beside them, ``decode_from`` merges and decodes them there. The device
 thread also starts each of these steps, between two device calls, so nothing else
 in the worker's process runs while a shard is in flight (``run_shard`` only waits).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.host_work import ArraySpec, HostPool, HostProcess, HostState, SlotWriter, slot_room
+from cluster.host_work import ArraySpec, HostProcess, HostState, SlotWriter, slot_room
 from cluster.staging import ShippedModel, local_model
 from cluster.worker import DeviceWorker, ShardDropped, WorkerPlace
 from tasks.backends import open_backend
@@ -45,7 +46,7 @@ class WorkerConfig:
     sim_rate: float = 0.0  # network inputs per second, for the sim backend
     sim_gil: str = "hold"  # the sim backend keeps the GIL for its call ('hold', as aclruntime) or not
     allow_opencv_mismatch: bool = False  # crop although OpenCV's warp is not the rule (tasks.opencv_check)
-    slot_boxes: int = 0  # the largest batch of the command (a sweep's): sizes the shared slots; 0: batch_size
+    slot_boxes: int = 0  # the largest chunk of the command (a sweep's, chunk_boxes): sizes the slots; 0: batch_size's
     model: ShippedModel | None = None  # the model's bytes in Ray's object store, where nodes may not see model_path
     data_sample: tuple[tuple[str, int], ...] = ()  # (path, size) of a few of the run's images: does this node see them?
 
@@ -82,10 +83,10 @@ class ShardResult:
     host_seconds: dict[str, float] = field(default_factory=dict)  # per stage, HOST_STAGES
 
 
-#: The host stages a shard times (seconds summed over its batches), by where they run.
+#: The host stages a shard times (seconds summed over its chunks), by where they run.
 #: Host processes: read_decode, crop, input (before the device), flip_merge, decode_keypoints
-#: (after). The worker's device thread: slot_wait (a batch next in line for a slot while none is
-#: free), prep_wait (the device thread idle, a shard in flight, before the batch's calls).
+#: (after). The worker's device thread: slot_wait (a chunk next in line for a slot while none is
+#: free), prep_wait (the device thread idle, a shard in flight, before the chunk's calls).
 #: What each counts: cluster.reducer.LABELS.
 PREP_STAGES = ("read_decode", "crop", "input")
 POST_STAGES = ("flip_merge", "decode_keypoints")
@@ -98,7 +99,7 @@ HOST_STAGES = PREP_STAGES + POST_STAGES + WAIT_STAGES
 
 @dataclass
 class PreparedInputs:
-    """A batch's host work before the device: its inputs lie in the slot (``inputs``; none: no usable box)."""
+    """A chunk's host work before the device: its inputs lie in the slot (``inputs``; none: no usable box)."""
 
     box_ids: np.ndarray  # int64 [n]
     crop_boxes: np.ndarray  # float32 [n, 4]
@@ -157,10 +158,10 @@ def decode_from(state: HostState, outputs: list[ArraySpec], crop_boxes: np.ndarr
 
 @dataclass
 class RanBatch:
-    """What the device thread did with one batch."""
+    """What the device thread did with one chunk."""
 
     prepared: PreparedInputs
-    prep_wait: float  # the device thread sat idle this long before the batch (cluster.worker.DeviceWorker)
+    prep_wait: float  # the device thread sat idle this long before the chunk (cluster.worker.DeviceWorker)
     calls: list[float] = field(default_factory=list)  # device seconds of each call
     starts: list[float] = field(default_factory=list)  # unix time each call began
     busy: float = 0.0  # seconds holding the device
@@ -171,19 +172,31 @@ class RanBatch:
 
 @dataclass
 class _ShardRun:
-    """A shard on the device thread: its batches, and each one's (RanBatch, DecodedBatch | None) when back."""
+    """A shard on the device thread: its chunks, and each one's (RanBatch, DecodedBatch | None) when back."""
 
     shard: Shard
     done: Future  # -> (ShardResult, merged heatmaps to dump)
-    host: HostProcess  # every batch of the shard prepared in one process: its image cache
+    host: HostProcess  # every chunk of the shard prepared in one process: its image cache
     back: list
     left: int
     result: ShardResult
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(HOST_STAGES, 0.0))
 
 
+#: A host process prepares at least this many boxes a request, a whole number of device batches: the device
+#: thread's own work per request (two answers, their callbacks and pickles: ~0.3 ms) then comes once for
+#: several small batches' calls. With the GIL held through each call it is device time lost: at bs 1 on a
+#: fake NPU of 0.5 ms a call, end to end was 0.80 of the device alone with one batch a request.
+CHUNK_BOXES = 16
+
+
+def chunk_boxes(batch_size: int) -> int:
+    """Boxes a host process prepares a request at ``batch_size``: the batch, or enough of them for CHUNK_BOXES."""
+    return batch_size * -(-CHUNK_BOXES // batch_size)
+
+
 def pose_slot_bytes(variant: Variant, flip: bool, boxes: int) -> int:
-    """Room for one batch of ``boxes``: its inputs and the device's outputs, every pass."""
+    """Room for one chunk of ``boxes``: its inputs and the device's outputs, every pass."""
     per_box = bytes_per_box(variant, flip)
     passes = 2 if flip and not variant.fused_flip else 1
     return slot_room([boxes * per_box["to_device"] // passes] * passes
@@ -191,20 +204,15 @@ def pose_slot_bytes(variant: Variant, flip: bool, boxes: int) -> int:
 
 
 class Worker(DeviceWorker):
-    """A shard's batches each take a slot, are prepared in a host process, run on the device thread and
+    """A shard's chunks each take a slot, are prepared in a host process, run on the device thread and
     decoded in a host process; the device thread starts each step between two device calls."""
 
     def __init__(self, config: WorkerConfig) -> None:
         # Before the session opens: a crop by another warp would move every keypoint.
         self.opencv_mismatch = check_opencv(config.allow_opencv_mismatch)
         super().__init__(config)
-        try:
-            boxes = max(config.slot_boxes, config.batch_size)
-            self.host = HostPool(config.host_processes, pose_slot_bytes(config.variant, config.flip, boxes),
-                                 config.place.opencv_threads)
-        except BaseException:
-            super().close()
-            raise
+        boxes = max(config.slot_boxes, chunk_boxes(config.batch_size))
+        self.start_host(config.host_processes, pose_slot_bytes(config.variant, config.flip, boxes))
         self._slots = self.host.slots
 
     def describe(self) -> dict:
@@ -234,7 +242,7 @@ class Worker(DeviceWorker):
         built per batch size); a dynamic-batch session (ONNX, torch) is kept. The
         work runs on the device thread; its error is raised here.
         """
-        if batch_size > self._slots.slot_bytes // pose_slot_bytes(self.config.variant, self.config.flip, 1):
+        if chunk_boxes(batch_size) > self._slots.slot_bytes // pose_slot_bytes(self.config.variant, self.config.flip, 1):
             raise ValueError(f"bs {batch_size} is larger than the slots this worker made (slot_boxes)")
         new = replace(self.config, model_path=model_path, batch_size=batch_size, dump_dir=dump_dir, model=model)
         self.on_device(partial(self._rebatch, new)).result()
@@ -259,20 +267,20 @@ class Worker(DeviceWorker):
         return result
 
     def _begin(self, shard: Shard, done: Future) -> None:
-        """On the device thread: the shard's batches queue for slots."""
-        bs = self.config.batch_size
+        """On the device thread: the shard's chunks (``chunk_boxes``: one or more device batches) queue for slots."""
+        chunk = chunk_boxes(self.config.batch_size)
         result = ShardResult(shard.id, self.config.place.label, np.zeros(0, np.int64),
                              np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32), started=time.time())
-        starts = range(0, len(shard.boxes), bs)
+        starts = range(0, len(shard.boxes), chunk)
         run = _ShardRun(shard, done, self.host.least_busy(), [None] * len(starts), len(starts), result)
         self.begin(done)
         if not starts:
             self.end(done, (result, []))
         for k, i in enumerate(starts):
-            self._slots.when_free(partial(self._prepare, run, k, shard.boxes[i:i + bs]))
+            self._slots.when_free(partial(self._prepare, run, k, shard.boxes[i:i + chunk]))
 
     def _prepare(self, run: _ShardRun, k: int, boxes: list[Box], slot: int, waited: float) -> None:
-        """On the device thread, with a free ``slot``: have the shard's host process prepare batch ``k`` there."""
+        """On the device thread, with a free ``slot``: have the shard's host process prepare chunk ``k`` there."""
         run.stages["slot_wait"] += waited
         ids, shipped = {b.image_id for b in boxes}, run.shard.image_bytes
         data = {i: shipped[i] for i in ids if i in shipped} if shipped else None
@@ -281,7 +289,7 @@ class Worker(DeviceWorker):
             self.config.flip, data), partial(self._device_step, run, k, slot))
 
     def _device_step(self, run: _ShardRun, k: int, slot: int, prep: Future) -> None:
-        """On the device thread: batch ``k``'s backend calls on its inputs in ``slot``, the outputs written
+        """On the device thread: chunk ``k``'s backend calls on its inputs in ``slot``, the outputs written
         beside them for a host process to decode; the slot is freed when that is done."""
         try:
             if run.done.done():
@@ -304,7 +312,7 @@ class Worker(DeviceWorker):
         post.add_done_callback(self.then(run.done, partial(self._decoded, run, k, slot, ran)))
 
     def _decoded(self, run: _ShardRun, k: int, slot: int, ran: RanBatch, post: Future) -> None:
-        """On the device thread: batch ``k`` is decoded; its slot goes to the next batch waiting."""
+        """On the device thread: chunk ``k`` is decoded; its slot goes to the next chunk waiting."""
         self._slots.release(slot)
         self._batch_back(run, k, ran, post.result())
 
@@ -320,13 +328,17 @@ class Worker(DeviceWorker):
             self.end(run.done, (run.result, parts.dumps))
 
     def _calls(self, ran: RanBatch, inputs: list[np.ndarray], writer: SlotWriter) -> list[ArraySpec]:
-        """One run_network per input array, its outputs written by the backend into the slot beside the inputs
-        (``writer``), so each call's own device seconds (and start) are kept; where the outputs lie."""
+        """One run_network per device batch of the chunk and input array (a batch's passes one after the other),
+        its outputs written by the backend into the slot beside the inputs (``writer``), so each call's own
+        device seconds (and start) are kept; where the outputs lie."""
+        bs = self.config.batch_size
+        outs = [writer.empty(output_shape(len(x)), np.float32) for x in inputs]
         t0 = time.perf_counter()
-        for x in inputs:
-            ran.starts.append(time.time())
-            _, seconds = run_network(self.session, [x], [writer.empty(output_shape(len(x)), np.float32)])
-            ran.calls.append(seconds)
+        for i in range(0, len(inputs[0]), bs):
+            for x, out in zip(inputs, outs):
+                ran.starts.append(time.time())
+                _, seconds = run_network(self.session, [x[i:i + bs]], [out[i:i + bs]])
+                ran.calls.append(seconds)
         ran.busy = time.perf_counter() - t0
         n = len(inputs[0])
         ran.crops = 2 * n if self.config.variant.fused_flip else n * len(inputs)
@@ -343,7 +355,7 @@ class Worker(DeviceWorker):
 
 @dataclass
 class _ShardParts:
-    """A shard's batches as they come back, in order, until they are one ``ShardResult``."""
+    """A shard's chunks as they come back, in order, until they are one ``ShardResult``."""
 
     ids: list = field(default_factory=list)
     keypoints: list = field(default_factory=list)

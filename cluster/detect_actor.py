@@ -21,7 +21,7 @@ from functools import partial
 
 import numpy as np
 
-from cluster.host_work import ArraySpec, HostPool, HostState, slot_room
+from cluster.host_work import ArraySpec, HostState, slot_room
 from cluster.worker import DeviceWorker, ShardDropped, WorkerPlace
 from tasks.dataset import ImageError, read_bgr
 from tasks.detector import YOLOV3_SPP, image_records, letterbox_bgr_to_rgb_input, open_detector
@@ -98,12 +98,7 @@ def _numpy(maps) -> list[np.ndarray]:
 class DetectWorker(DeviceWorker):
     def __init__(self, config: DetectWorkerConfig) -> None:
         super().__init__(config)
-        try:
-            self.host = HostPool(config.host_processes, self._slot_bytes, config.place.opencv_threads,
-                                 name="letterbox")
-        except BaseException:
-            super().close()
-            raise
+        self.start_host(config.host_processes, self._slot_bytes, name="letterbox")
         self._slots = self.host.slots
 
     def open_session(self, config: DetectWorkerConfig):

@@ -27,6 +27,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import select
 import signal
 import socket
@@ -250,7 +251,7 @@ class HostProcess:
         if not self.connection.poll(timeout):
             raise TimeoutError(f"host process {self.name} (pid {self.pid}) did not start in {timeout:.0f} s")
         try:
-            self.connection.recv()
+            receive(self.connection)
         except (EOFError, OSError):
             self._fail_all()
             raise self.died from None
@@ -262,7 +263,7 @@ class HostProcess:
             if self.died is None:
                 self._next += 1
                 try:
-                    self.connection.send((self._next, fn, args))
+                    send(self.connection, (self._next, fn, args))
                     self._pending[self._next] = done
                     return done
                 except OSError:  # it died and nobody has read its end yet
@@ -277,7 +278,7 @@ class HostProcess:
         pending future fails with it.
         """
         try:
-            key, ok, value = self.connection.recv()
+            key, ok, value = receive(self.connection)
         except (EOFError, OSError):
             self._fail_all()
             return
@@ -307,7 +308,7 @@ class HostProcess:
         with self._lock:
             if self.died is None:
                 try:
-                    self.connection.send(None)
+                    send(self.connection, None)
                 except OSError:  # it has just died: waiting below is all there is to do
                     self.process.kill()
         try:
@@ -327,9 +328,9 @@ _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
 class HostPool:
     """A device worker's host processes and the slots, of ``slot_bytes`` each, they share with its device thread."""
 
-    def __init__(self, processes: int, slot_bytes: int, opencv_threads: int, name: str = "host") -> None:
+    def __init__(self, processes: int, slot_bytes: int, opencv_threads: int, name: str = "host",
+                 wake_on: int | None = None) -> None:
         processes = max(1, processes)
-        self._poll, self._watched = select.poll(), set()
         self.slots = slots = BatchSlots(processes + SLOTS_PAST_PROCESSES, slot_bytes)
         self.processes = [HostProcess(f"{name}-{i}", slots, opencv_threads) for i in range(max(1, processes))]
         try:
@@ -340,27 +341,30 @@ class HostPool:
             raise
         finally:
             slots.unlink()  # mapped by all (or given up): the name is no longer needed
+        # One poll serves every wait of the device thread (several a batch): each live process's pipe, and
+        # ``wake_on`` (the worker's wake-up pipe), whose readiness ``answers`` returns
+        self._poll, self._wake_on = select.poll(), wake_on
+        self._live = {p.connection.fileno(): p for p in self.processes}
+        for fd in [*self._live, *([wake_on] if wake_on is not None else [])]:
+            self._poll.register(fd, select.POLLIN)
 
     def least_busy(self) -> HostProcess:
         return min(self.processes, key=lambda p: p.pending)
 
-    def answers(self, timeout: float | None, also: Sequence[int] = ()) -> list[int]:
+    def answers(self, timeout: float | None) -> bool:
         """Take an answer from each process that has one, after waiting up to ``timeout`` seconds (None: no
-        limit) for one, or for one of ``also`` (file descriptors) to be readable; those of ``also`` that are.
-
-        One ``select.poll`` serves every call (the device thread makes several a batch).
-        """
-        live = {p.connection.fileno(): p for p in self.processes if p.died is None}
-        watched = {*live, *also}
-        if watched != self._watched:
-            self._poll, self._watched = select.poll(), watched
-            for fd in watched:
-                self._poll.register(fd, select.POLLIN)
-        ready = [fd for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000)]
-        for fd in ready:
-            if fd in live:
-                live[fd].take_answer()
-        return [fd for fd in ready if fd not in live]
+        limit) for one, or for ``wake_on``; whether ``wake_on`` is readable."""
+        rang = False
+        for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000):
+            process = self._live.get(fd)
+            if process is None:
+                rang = rang or fd == self._wake_on
+                continue
+            process.take_answer()
+            if process.died is not None:  # its pipe stays readable (end of file): no longer watched
+                self._poll.unregister(fd)
+                del self._live[fd]
+        return rang
 
     def close(self) -> None:
         for p in self.processes:
@@ -385,20 +389,28 @@ def serve(conn: Connection, parent: int, path: str, slots: int, slot_bytes: int,
 
         cv2.setNumThreads(opencv_threads)
     state = HostState(SlotMemory(path, slots, slot_bytes), ImageCache())
-    conn.send((0, True, os.getpid()))
-    while (item := conn.recv()) is not None:
+    send(conn, (0, True, os.getpid()))
+    while (item := receive(conn)) is not None:
         key, fn, args = item
         try:
             answer = (key, True, fn(state, *args))
         except Exception as e:  # sent back whole, so the worker raises it where the work was asked for
             answer = (key, False, _sendable(e))
-        conn.send(answer)
+        send(conn, answer)
+
+
+def send(conn: Connection, message) -> None:
+    """One message down a host pipe: plain pickle (multiprocessing's own pickler copies its dispatch table
+    for every message, and nothing sent here needs its reducers)."""
+    conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection):
+    return pickle.loads(conn.recv_bytes())
 
 
 def _sendable(error: Exception) -> Exception:
     """``error`` if it survives pickling, else a RuntimeError with its text and where it was raised."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(error))
         return error

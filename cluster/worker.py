@@ -101,6 +101,16 @@ class DeviceWorker:
         """On the device thread: free the session (an OM's model leaves the device)."""
         session.close()
 
+    def start_host(self, processes: int, slot_bytes: int, name: str = "host") -> None:
+        """Start the subclass's host processes (``HostPool``), whose answers the device thread takes from
+        now on; a failure closes the worker and is raised."""
+        try:
+            pool = HostPool(processes, slot_bytes, self.config.place.opencv_threads, name, wake_on=self._bell)
+        except BaseException:
+            self.close()
+            raise
+        self.host = pool  # the wake-up pipe is watched first: the device thread may wait on the pool at once
+
     # ------------------------------------------------------------ the device thread
 
     def on_device(self, work: Callable[[], object]) -> Future:
@@ -228,7 +238,7 @@ class DeviceWorker:
                 pass
             t0 = time.perf_counter()
             if self.host is not None:
-                self.host.answers(None, also=[self._bell])
+                self.host.answers(None)
             else:
                 select.select([self._bell], [], [])
             self.idle_seconds += time.perf_counter() - t0

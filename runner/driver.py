@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.actor import Shard, ShardResult, Worker, WorkerConfig
+from cluster.actor import Shard, ShardResult, Worker, WorkerConfig, chunk_boxes
 from cluster.placement import Placement, host_processes, opencv_threads
 from cluster.pool import ActorPool, actor_pool
 from cluster.queue import DispatchReport
@@ -332,7 +332,7 @@ def worker_config(p: Placement, batch: BatchPlan, cfg: RunConfig, plan: RunPlan,
     return WorkerConfig(place=place, model_path=batch.model_path, batch_size=batch.bs, host_processes=prep,
                         flip=plan.flip, dump_dir=dump_dir, variant=plan.variant, sim_rate=cfg.backend.sim_rate,
                         sim_gil=cfg.backend.sim_gil, allow_opencv_mismatch=cfg.backend.allow_opencv_mismatch,
-                        slot_boxes=max(cfg.bs), model=model, data_sample=sample)
+                        slot_boxes=max(chunk_boxes(bs) for bs in cfg.bs), model=model, data_sample=sample)
 
 
 # ---------------------------------------------------------------- summarise

@@ -149,3 +149,59 @@ def _run_all(worker: Worker, box_set, errors: list) -> None:
             worker.run_shard(Shard(k, box_set.boxes[k * 8:(k + 1) * 8], box_set.image_paths))
     except HostProcessDied as e:
         errors.append(e)
+
+
+
+class _PeakPerCrop:
+    """A backend whose heatmap of each crop peaks where that crop's pixels say, whatever its batch; it keeps
+    the size of every call."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size, self.variant, self.sizes = batch_size, Variant(), []
+
+    def run(self, x, out=None):
+        assert 1 <= len(x) <= self.batch_size
+        self.sizes.append(len(x))
+        heatmaps = np.zeros((len(x), 17, 64, 48), np.float32)
+        for i, crop in enumerate(x):
+            at = int(abs(float(crop.astype(np.float64).sum())) * 1000) % (64 * 48)
+            heatmaps[i, :, at // 48, at % 48] = 1.0
+        if out is not None:
+            out[...] = heatmaps
+        return heatmaps, 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def test_chunks_hold_whole_batches_of_at_least_16_boxes():
+    from cluster.actor import chunk_boxes
+    assert [chunk_boxes(bs) for bs in (1, 4, 5, 7, 16, 24, 64)] == [16, 16, 20, 21, 16, 24, 64]
+
+
+def test_a_chunk_runs_its_batches_one_by_one_and_keypoints_do_not_depend_on_the_batch_size(
+        synthetic_coco, monkeypatch):
+    """Below 16 boxes a batch, a host request holds several batches; the device still sees each batch alone."""
+    backends = []
+
+    def open_session(self, config):
+        backends.append(_PeakPerCrop(config.batch_size))
+        return backends[-1]
+
+    monkeypatch.setattr(Worker, "open_session", open_session)
+    monkeypatch.setattr("cluster.actor.warm_up", lambda backend, flip: None)
+    box_set = load_boxes(synthetic_coco["dataroot"], synthetic_coco["dets"])
+    boxes = box_set.boxes[:37]
+    keypoints = []
+    for bs in (1, 3, 16):
+        place = WorkerPlace(backend="sim", compute_device="cpu", label="sim:0", kind="cpu", threads=1)
+        worker = Worker(WorkerConfig(place=place, model_path="", batch_size=bs, host_processes=1))
+        try:
+            result = worker.run_shard(Shard(0, boxes, box_set.image_paths))
+        finally:
+            worker.close()
+        batches = [min(bs, len(boxes) - i) for i in range(0, len(boxes), bs)]
+        assert backends[-1].sizes == [n for n in batches for _ in range(2)]  # each batch's two passes, in order
+        assert result.calls == 2 * len(batches) and list(result.box_ids) == [b.id for b in boxes]
+        keypoints.append(result.keypoints)
+    assert len({k.tobytes() for k in keypoints}) == 1 and np.ptp(keypoints[0][..., :2]) > 10

@@ -198,6 +198,11 @@ def test_bench_prints_every_figure_in_its_last_line(tmp_path, models_dir):
     assert figures["bare_crops_per_s"] == pytest.approx(np.mean(figures["bare_runs_crops_per_s"]))
     assert figures["e2e_crops_per_s"] == pytest.approx(np.mean(figures["e2e_runs_crops_per_s"]))
     assert 0 < figures["e2e_over_bare"] < 1.5
+    host = figures["host_alone"]  # measured before the run and after it, the mean taken
+    assert host["boxes"] == 16 and len(host["runs_boxes_per_s"]) == 2
+    assert host["boxes_per_s"] == pytest.approx(np.mean(host["runs_boxes_per_s"]))
+    assert figures["e2e_of_possible"] == pytest.approx(
+        figures["e2e_boxes_per_s"] / min(host["boxes_per_s"], figures["device_alone_boxes_per_s"]))
     assert figures["bytes_to_device_per_box"] == 147456 and figures["bytes_from_device_per_box"] == 208896
     scaling = figures["scaling"]
     assert scaling["sim_rate"] == 400 and [r["devices"] for r in scaling["runs"]] == [1, 2]
