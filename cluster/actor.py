@@ -346,12 +346,6 @@ class Worker(DeviceWorker):
         ran.bytes_from_device = sum(spec.nbytes for spec in writer.specs)
         return writer.specs
 
-    def close(self) -> None:
-        host = self.host
-        super().close()  # the device thread first: nothing reaches the host processes after
-        if host is not None:
-            host.close()
-
 
 @dataclass
 class _ShardParts:

@@ -173,9 +173,3 @@ class DetectWorker(DeviceWorker):
         result.started, result.finished = run.started, time.time()
         self.end(run.done, result)
 
-    def close(self) -> None:
-        host = self.host
-        super().close()
-        if host is not None:
-            host.close()
-

@@ -332,7 +332,7 @@ class HostPool:
                  wake_on: int | None = None) -> None:
         processes = max(1, processes)
         self.slots = slots = BatchSlots(processes + SLOTS_PAST_PROCESSES, slot_bytes)
-        self.processes = [HostProcess(f"{name}-{i}", slots, opencv_threads) for i in range(max(1, processes))]
+        self.processes = [HostProcess(f"{name}-{i}", slots, opencv_threads) for i in range(processes)]
         try:
             for p in self.processes:
                 p.wait_ready(START_TIMEOUT_S)
@@ -341,9 +341,9 @@ class HostPool:
             raise
         finally:
             slots.unlink()  # mapped by all (or given up): the name is no longer needed
-        # One poll serves every wait of the device thread (several a batch): each live process's pipe, and
-        # ``wake_on`` (the worker's wake-up pipe), whose readiness ``answers`` returns
-        self._poll, self._wake_on = select.poll(), wake_on
+        # One poll serves every wait of the device thread (several a chunk): each live process's pipe, and
+        # ``wake_on`` (the worker's wake-up pipe, which its owner drains)
+        self._poll = select.poll()
         self._live = {p.connection.fileno(): p for p in self.processes}
         for fd in [*self._live, *([wake_on] if wake_on is not None else [])]:
             self._poll.register(fd, select.POLLIN)
@@ -351,20 +351,17 @@ class HostPool:
     def least_busy(self) -> HostProcess:
         return min(self.processes, key=lambda p: p.pending)
 
-    def answers(self, timeout: float | None) -> bool:
+    def answers(self, timeout: float | None) -> None:
         """Take an answer from each process that has one, after waiting up to ``timeout`` seconds (None: no
-        limit) for one, or for ``wake_on``; whether ``wake_on`` is readable."""
-        rang = False
+        limit) for one, or for ``wake_on`` to be readable."""
         for fd, _ in self._poll.poll(None if timeout is None else timeout * 1000):
             process = self._live.get(fd)
-            if process is None:
-                rang = rang or fd == self._wake_on
+            if process is None:  # wake_on
                 continue
             process.take_answer()
             if process.died is not None:  # its pipe stays readable (end of file): no longer watched
                 self._poll.unregister(fd)
                 del self._live[fd]
-        return rang
 
     def close(self) -> None:
         for p in self.processes:

@@ -253,7 +253,15 @@ class DeviceWorker:
         return describe_placement(self.config.place)
 
     def close(self) -> None:
-        """Close the session on the device thread, then stop it; idempotent."""
+        """Close the session on the device thread and stop it, then the host processes (nothing reaches them
+        after); idempotent."""
+        try:
+            self._stop_device_thread()
+        finally:
+            if self.host is not None:
+                self.host.close()
+
+    def _stop_device_thread(self) -> None:
         with self._lock:
             if self._closing or not self._device_thread.is_alive():
                 return

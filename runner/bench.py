@@ -128,10 +128,11 @@ def host_work_part(boxes: list, paths: dict[int, str], variant: Variant, flip: b
     Per chunk of boxes (``cluster.actor.chunk_boxes``) what a worker's host processes do:
     read (the last 16 images cached, as there), crop, build the inputs, then merge and
     decode heatmaps of the right shape, one array per pass as a device gives them.
-    Those are written once before the loop:
-    ``np.zeros`` leaves its pages untouched, and every read of an untouched page reads
-    the kernel's one zero page, which stays in the core's cache, so the flip merge of
-    10,000 boxes took 0.66 s there against 1.06 s on heatmaps in memory.
+
+    The heatmaps are written once before the loop: ``np.zeros`` leaves its pages
+    untouched, and every read of an untouched page reads the kernel's one zero page,
+    which stays in the core's cache (the flip merge of 10,000 boxes took 0.66 s there
+    against 1.06 s on heatmaps in memory).
     """
     reuse_freed_memory()  # as a worker's host processes do
     cache = ImageCache()
@@ -140,10 +141,10 @@ def host_work_part(boxes: list, paths: dict[int, str], variant: Variant, flip: b
     heatmaps = [np.full((chunk, FASTPOSE.num_joints, *FASTPOSE.heatmap_hw), 0.0, np.float32) for _ in range(passes)]
     start = time.perf_counter()
     for i in range(0, len(boxes), chunk):
-        batch = boxes[i:i + chunk]
-        prepared = prepare_batch(batch, {b.image_id: cache.get(paths[b.image_id], read_rgb) for b in batch})
+        part = boxes[i:i + chunk]
+        prepared = prepare_batch(part, {b.image_id: cache.get(paths[b.image_id], read_rgb) for b in part})
         network_inputs(prepared.crops, variant, flip)
-        decode_keypoints(merge_heatmaps([h[:len(batch)] for h in heatmaps]), prepared.crop_boxes)
+        decode_keypoints(merge_heatmaps([h[:len(part)] for h in heatmaps]), prepared.crop_boxes)
     return start, time.perf_counter()
 
 
@@ -300,7 +301,7 @@ def scale(cfg: RunConfig, boxes: int, sim_devices: int, log) -> dict:
             "results": len(results), "runs": runs}
 
 
-def host_processes(cfg: RunConfig, args: argparse.Namespace) -> int:
+def bare_host_processes(cfg: RunConfig, args: argparse.Namespace) -> int:
     """How many processes the bare host work runs on: --host-bare-processes, else the cores per device."""
     return args.host_bare_processes or max(1, (os.cpu_count() or 1) // len(parse_devices(cfg.cluster.devices)))
 
@@ -345,7 +346,7 @@ def bench(cfg: RunConfig, args: argparse.Namespace, log=print) -> dict:
         # A small VM's speed drifts by several percent over minutes (measured: 23.6 to
         # 26.9 crops/s for the same bare loop), so one bare figure next to one run puts
         # the drift into the ratio; interleaving spreads it over both sides.
-        host_before = host_alone(cfg, host_processes(cfg, args))
+        host_before = host_alone(cfg, bare_host_processes(cfg, args))
         bare = [bare_in_child(cfg)]
         gil = gil_mode(cfg, bare[0]["backend"])
         log(f"bare: {bare[0]['backend']} alone on {bare[0]['crops']} crops in memory, bs {bare[0]['bs']}, "
